@@ -1,0 +1,64 @@
+"""The one place that decides which kernel implementation runs.
+
+Order: an explicit `backend` argument, else the BDIFF_BACKEND environment variable, else
+`triton` for CUDA tensors when Triton and a driver are present, else the fast torch path.
+"""
+import functools
+import os
+
+import torch
+
+from bdiff.errors import BdiffError
+from bdiff.kernels import (field_matching_chunked, field_matching_naive, field_matching_reference,
+                           field_matching_torch, sde_step_reference, sde_step_torch)
+from bdiff.kernels.torch_path import sde_noise
+
+BACKENDS = ("triton", "torch", "chunked", "naive", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available():
+    """True when Triton imports and can launch: a CUDA driver, or the CPU interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend, device):
+    """Name of the backend that will run on tensors living on `device`."""
+    name = backend or os.environ.get("BDIFF_BACKEND") or "auto"
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if name not in BACKENDS:
+        raise BdiffError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name == "triton" and not triton_available():
+        raise BdiffError("backend 'triton' needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+    return name
+
+
+def field_matching(x, y, eps, exclude=None, backend=None):
+    """log ŝ(x) - log(#refs) and the softmax-weighted mean of (y - x)/ε; see kernels/."""
+    name = resolve(backend, x.device)
+    if name == "triton":
+        from bdiff.kernels.triton_field import field_matching_triton
+        return field_matching_triton(x, y, eps, exclude)
+    if name == "reference":
+        lse, mean = field_matching_reference(x, y, eps, exclude)
+        return lse.to(x.dtype), mean.to(x.dtype)
+    impl = {"torch": field_matching_torch, "chunked": field_matching_chunked,
+            "naive": field_matching_naive}[name]
+    return impl(x, y, eps, exclude)
+
+
+def sde_step(x, s, g, h, seed, step, offset=0, delta=None, backend=None):
+    """One Euler-Maruyama step of the Bellman (delta=None) or preconditioned SDE."""
+    name = resolve(backend, x.device)
+    if name == "triton":
+        from bdiff.kernels.triton_sde import sde_step_triton
+        return sde_step_triton(x, s, g, h, seed, step, offset, delta)
+    if name == "reference":
+        noise = sde_noise(x.shape, seed, step, offset, x.device)
+        return sde_step_reference(x, s, g, noise, h, delta).to(x.dtype)
+    return sde_step_torch(x, s, g, h, seed, step, offset, delta)

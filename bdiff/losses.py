@@ -1,0 +1,91 @@
+"""Gaussian-smoothed field matching: the query proposal, the targets and the three losses."""
+import math
+
+import torch
+
+from bdiff.backend import field_matching
+
+GRAD_LOSSES = ("direct", "divergence", "sliced")
+
+
+def bandwidth(n, dim, rule="silverman"):
+    """ε = h² from a pooled rule of thumb on standardised data (unit variance per dimension)."""
+    if rule == "silverman":
+        h = (4 / (dim + 2)) ** (1 / (dim + 4)) * n ** (-1 / (dim + 4))
+    elif rule == "scott":
+        h = n ** (-1 / (dim + 4))
+    else:
+        raise ValueError(f"unknown bandwidth rule {rule!r}")
+    return h * h
+
+
+def smoothed_targets(queries, refs, eps, log_c, exclude=None, backend=None):
+    """ŝ and ĝ at the queries, both scaled by exp(-log C) (SPEC §1.1)."""
+    lse, mean = field_matching(queries, refs, eps, exclude, backend)
+    s = torch.exp(lse - log_c)
+    return s, s.unsqueeze(1) * mean
+
+
+def log_normaliser(refs, eps, generator, probe=4096, backend=None):
+    """Global log C: the median log ŝ over data points (self excluded), so targets are O(1)."""
+    idx = torch.randperm(len(refs), generator=generator)[:probe]
+    lse, _ = field_matching(refs[idx], refs, eps, idx, backend)
+    return float(lse.median())
+
+
+def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator):
+    """Queries from μ = data, data + N(0, (k²ε)I) and a broad Gaussian, in proportions `mix`.
+
+    Returns the queries and, for each, the reference it was made from (-1: none), which the
+    targets exclude: a point's own kernel would teach the fields a spike at every datum.
+    """
+    n_data, n_pert = int(mix[0] * batch), int(mix[1] * batch)
+    n_broad = batch - n_data - n_pert
+    source = torch.randint(len(refs), (n_data + n_pert,), generator=generator)
+    noise = torch.randn(n_pert, refs.shape[1], generator=generator) * (perturb_scale * math.sqrt(eps))
+    broad = torch.randn(n_broad, refs.shape[1], generator=generator) * broad_std
+    queries = torch.cat([refs[source[:n_data]], refs[source[n_data:]] + noise, broad])
+    exclude = torch.cat([source, torch.full((n_broad,), -1, dtype=torch.long)])
+    return queries, exclude
+
+
+def smoothed_data_queries(refs, batch, eps, generator):
+    """x ~ p_ε: data plus N(0, εI), the weighting under which integration by parts holds."""
+    source = torch.randint(len(refs), (batch,), generator=generator)
+    noise = torch.randn(batch, refs.shape[1], generator=generator) * math.sqrt(eps)
+    return refs[source] + noise, source
+
+
+def divergence(g, x, generator=None, sliced=False):
+    """∇·g at x: exact trace (D backward passes) or the sliced estimate vᵀ∇(vᵀg)."""
+    if sliced:
+        v = torch.randn(g.shape, generator=generator)
+        (jvp,) = torch.autograd.grad((g * v).sum(), x, create_graph=True)
+        return (jvp * v).sum(1)
+    parts = []
+    for d in range(g.shape[1]):
+        (row,) = torch.autograd.grad(g[:, d].sum(), x, create_graph=True)
+        parts.append(row[:, d])
+    return torch.stack(parts, 1).sum(1)
+
+
+def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
+    """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats)."""
+    queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,
+                                    cfg.broad_std, generator)
+    with torch.no_grad():
+        s_hat, g_hat = smoothed_targets(queries, refs, eps, log_c, exclude, backend)
+    s, g = model(queries)
+    loss_id = (s - s_hat).pow(2).mean()
+    if cfg.grad_loss == "direct":
+        loss_grad = (g - g_hat).pow(2).sum(1).mean()
+    else:
+        # ∫ p_ε ‖g - ∇p_ε‖² = E_{x~p_ε}[‖g‖² + p_ε(x) ∇·g(x)] + const (the paper's form)
+        x, source = smoothed_data_queries(refs, cfg.batch_size, eps, generator)
+        with torch.no_grad():
+            weight, _ = smoothed_targets(x, refs, eps, log_c, source, backend)
+        x.requires_grad_(True)
+        _, g_x = model(x)
+        div = divergence(g_x, x, generator, sliced=cfg.grad_loss == "sliced")
+        loss_grad = (g_x.pow(2).sum(1) + weight * div).mean()
+    return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())

@@ -1,0 +1,77 @@
+"""A trained model loaded from a checkpoint: fields in standardised and in data units."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bdiff.checkpoint import read_checkpoint, split_state
+from bdiff.data import Standardizer
+from bdiff.errors import BdiffError
+from bdiff.fields import FieldModel
+
+
+@dataclass
+class TrainedModel:
+    fields_net: FieldModel  # the EMA weights
+    eps: float
+    log_c: float
+    standardizer: Standardizer
+    meta: dict
+
+    @property
+    def dim(self):
+        return self.fields_net.dim
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        tensors, meta = read_checkpoint(path)
+        cfg = meta["config"]
+        try:
+            net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"])
+            net.load_state_dict(split_state(tensors, "ema"))
+            standardizer = Standardizer.from_dict(meta["standardizer"])
+            eps, log_c = float(meta["eps"]), float(meta["log_c"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise BdiffError(f"{path}: checkpoint is incomplete or inconsistent: {err}")
+        if not (math.isfinite(eps) and math.isfinite(log_c)):
+            raise BdiffError(f"{path}: checkpoint holds a non-finite ε or log C")
+        net.to(device).eval().requires_grad_(False)
+        return cls(net, eps, log_c, standardizer, meta)
+
+    def fields(self, x_std):
+        """(s, g) at standardised points (torch)."""
+        return self.fields_net.fields_batched(x_std)
+
+    def check_dim(self, values, what):
+        if values.shape[1] != self.dim:
+            raise BdiffError(f"{what} has {values.shape[1]} dimensions but the model was trained "
+                             f"on {self.dim}")
+
+    def log_density(self, values):
+        """Log of the normalised density at points in data units, from s and the stored log C.
+
+        s ≈ exp(log ŝ - log C) with ŝ = (2πε)^{D/2} p_ε in standardised units, so
+        p̂ = s · C / (2πε)^{D/2} / Π std. Points where s ≤ 0 get -inf.
+        """
+        self.check_dim(values, "the data")
+        x = torch.from_numpy(self.standardizer.forward(values)).to(self._device())
+        s, _ = self.fields(x)
+        s = s.double().cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_s = np.where(s > 0, np.log(np.maximum(s, 1e-300)), -np.inf)
+        return (log_s + self.log_c - 0.5 * self.dim * math.log(2 * math.pi * self.eps)
+                - np.log(self.standardizer.std).sum())
+
+    def fields_in_data_units(self, values):
+        """Density and its gradient in data units (for plots and field errors)."""
+        x = torch.from_numpy(self.standardizer.forward(values)).to(self._device())
+        s, g = self.fields(x)
+        scale = math.exp(self.log_c - 0.5 * self.dim * math.log(2 * math.pi * self.eps))
+        scale /= float(np.prod(self.standardizer.std))
+        density = s.double().cpu().numpy() * scale
+        gradient = g.double().cpu().numpy() * scale / self.standardizer.std
+        return density, gradient
+
+    def _device(self):
+        return next(self.fields_net.parameters()).device

@@ -1,0 +1,1 @@
+"""Distributional RL with Bellman Diffusion return densities."""

@@ -1,0 +1,177 @@
+"""Training loop: data → standardise → ε, log C → field matching with Adam and EMA."""
+import contextlib
+import copy
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
+from bdiff.data import Standardizer, fingerprint
+from bdiff.errors import BdiffError
+from bdiff.fields import FieldModel
+from bdiff.losses import GRAD_LOSSES, bandwidth, field_loss, log_normaliser
+
+
+@dataclass
+class FitConfig:
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 2e-3
+    width: int = 256
+    depth: int = 3
+    arch: str = "shared"
+    grad_loss: str = "direct"
+    id_weight: float = 1.0
+    eps: float = None            # None: from `eps_rule` on the standardised data
+    eps_rule: str = "silverman"
+    query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
+    perturb_scale: float = 2.0   # perturbed queries: data + N(0, (perturb_scale² ε) I)
+    broad_std: float = 1.5       # broad queries: N(0, broad_std² I), covering the sampler's start
+    max_refs: int = 16384        # references per step: all data up to this, else a random subset
+    ema: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = None
+    checkpoint_every: int = 500
+
+    def validate(self):
+        if self.steps < 1 or self.batch_size < 2:
+            raise BdiffError("--steps must be >= 1 and --batch-size >= 2")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BdiffError(f"--lr must be a positive number, got {self.lr}")
+        if self.grad_loss not in GRAD_LOSSES:
+            raise BdiffError(f"unknown gradient loss {self.grad_loss!r}; choose {', '.join(GRAD_LOSSES)}")
+        if self.arch not in ("shared", "separate"):
+            raise BdiffError(f"unknown arch {self.arch!r}; choose shared or separate")
+        if self.eps is not None and not (1e-6 <= self.eps <= 100):
+            raise BdiffError(f"--eps {self.eps} is outside the sensible range [1e-6, 100] "
+                             "(ε is a variance in standardised units; the default is automatic)")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise BdiffError(f"unknown device {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.query_mix = tuple(cfg.query_mix)
+        return cfg
+
+
+class Trainer:
+    """Owns the model, EMA copy, optimiser and RNG; `run` trains and checkpoints."""
+
+    def __init__(self, data, cfg, source="data", item_shape=None):
+        cfg.validate()
+        self.cfg, self.source = cfg, source
+        values = data if isinstance(data, np.ndarray) else np.asarray(data)
+        self.item_shape = tuple(item_shape or values.shape[1:])
+        self.standardizer = Standardizer.fit(values)
+        self.fingerprint = fingerprint(values)
+        self.device = torch.device(cfg.device)
+        self.refs = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
+        self.dim = self.refs.shape[1]
+        self.eps = cfg.eps if cfg.eps is not None else bandwidth(len(values), self.dim, cfg.eps_rule)
+        torch.manual_seed(cfg.seed)
+        self.model = FieldModel(self.dim, cfg.width, cfg.depth, cfg.arch).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
+
+    def meta(self):
+        return {"config": asdict(self.cfg), "eps": self.eps, "log_c": self.log_c,
+                "standardizer": self.standardizer.to_dict(), "dim": self.dim,
+                "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
+                "step": self.step, "source": self.source, "n_train": len(self.refs)}
+
+    def save(self, path):
+        save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
+
+    def restore(self, path):
+        """Continue from a checkpoint of a run on the same data."""
+        tensors, meta = read_checkpoint(path)
+        if meta["fingerprint"] != self.fingerprint:
+            raise BdiffError(f"{path} was trained on different data ({meta['source']}); "
+                             "resume needs the same data set")
+        self.cfg = FitConfig.from_dict(dict(meta["config"], steps=self.cfg.steps,
+                                            checkpoint_every=self.cfg.checkpoint_every))
+        self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
+        try:
+            self.model.load_state_dict(split_state(tensors, "model"))
+            self.ema.load_state_dict(split_state(tensors, "ema"))
+            self.optimizer.load_state_dict(optimizer_state(tensors, self.optimizer))
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise BdiffError(f"{path} does not match this model configuration: {err}")
+        self.generator.set_state(tensors["rng"])
+
+    def learning_rate(self, step):
+        """Cosine decay to 5% over the run, after a short linear warm-up."""
+        warm = min(100, self.cfg.steps // 10)
+        if step < warm:
+            return self.cfg.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.cfg.steps - warm)
+        return self.cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_step(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        loss, loss_grad, loss_id = field_loss(self.model, self.refs_for_step(), self.eps,
+                                              self.log_c, self.cfg, self.generator, self.cfg.backend)
+        if not math.isfinite(float(loss)):
+            raise BdiffError(f"training diverged at step {self.step} (loss {float(loss)}); "
+                             "try a smaller --lr or a larger --eps")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+            for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        self.step += 1
+        return float(loss), loss_grad, loss_id
+
+    def refs_for_step(self):
+        if len(self.refs) <= self.cfg.max_refs:
+            return self.refs
+        return self.refs[torch.randperm(len(self.refs), generator=self.generator)[:self.cfg.max_refs]]
+
+    def run(self, checkpoint_path=None, on_step=None):
+        """Train to cfg.steps. Checkpoints every cfg.checkpoint_every steps, at the end, and on
+        Ctrl-C (then re-raises KeyboardInterrupt so the caller can exit)."""
+        start = time.perf_counter()
+        with _deferred_interrupt() as interrupted:
+            while self.step < self.cfg.steps and not interrupted():
+                losses = self.train_step()
+                if on_step is not None:
+                    on_step(self.step, losses, time.perf_counter() - start)
+                if checkpoint_path and self.step % self.cfg.checkpoint_every == 0:
+                    self.save(checkpoint_path)
+        if interrupted():
+            if checkpoint_path:
+                self.save(checkpoint_path)
+            raise KeyboardInterrupt
+        if checkpoint_path:
+            self.save(checkpoint_path)
+        return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn Ctrl-C into a flag checked between steps, so a checkpoint never holds half a step."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,1 @@
+"""The `bdiff` command line: parses, calls the engine, prints."""
