@@ -43,6 +43,9 @@ def _read_file(path, key):
         raise BdiffError(f"cannot read {path}: supported formats are {', '.join(SUPPORTED)}")
     try:
         if ext == ".npy":
+            with open(path, "rb") as handle:
+                if handle.read(6) != b"\x93NUMPY":  # else np.load mistakes it for a pickle
+                    raise BdiffError(f"cannot read {path}: not a .npy file")
             return np.load(path, allow_pickle=False)
         if ext == ".npz":
             with np.load(path, allow_pickle=False) as archive:

@@ -26,7 +26,8 @@ class SampleConfig:
     delta_rel: float = 1e-3   # precond: δ = delta_rel·max s
     oversample: int = 20      # importance start: candidates per particle
     proposal_std: float = 1.0  # importance / Gaussian start: N(0, proposal_std² I)
-    floor_rel: float = 1e-3   # s below floor_rel·max s counts as zero (low density)
+    floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
+    #                           bumps far from the data that importance weights s/q inflate
     batch_size: int = 10_000
     seed: int = 0
     backend: str = None

@@ -78,13 +78,16 @@ class Trainer:
         self.refs = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
         self.dim = self.refs.shape[1]
         self.eps = cfg.eps if cfg.eps is not None else bandwidth(len(values), self.dim, cfg.eps_rule)
-        torch.manual_seed(cfg.seed)
-        self.model = FieldModel(self.dim, cfg.width, cfg.depth, cfg.arch).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self._build()
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
+
+    def _build(self):
+        torch.manual_seed(self.cfg.seed)
+        self.model = FieldModel(self.dim, self.cfg.width, self.cfg.depth, self.cfg.arch).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
 
     def meta(self):
         return {"config": asdict(self.cfg), "eps": self.eps, "log_c": self.log_c,
@@ -96,7 +99,8 @@ class Trainer:
         save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
 
     def restore(self, path):
-        """Continue from a checkpoint of a run on the same data."""
+        """Continue from a checkpoint of a run on the same data, with that run's settings
+        (only the target number of steps and the checkpoint interval are taken from now)."""
         tensors, meta = read_checkpoint(path)
         if meta["fingerprint"] != self.fingerprint:
             raise BdiffError(f"{path} was trained on different data ({meta['source']}); "
@@ -105,11 +109,12 @@ class Trainer:
                                             checkpoint_every=self.cfg.checkpoint_every))
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
         try:
+            self._build()
             self.model.load_state_dict(split_state(tensors, "model"))
             self.ema.load_state_dict(split_state(tensors, "ema"))
             self.optimizer.load_state_dict(optimizer_state(tensors, self.optimizer))
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise BdiffError(f"{path} does not match this model configuration: {err}")
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise BdiffError(f"{path} is inconsistent with its own configuration: {err}")
         self.generator.set_state(tensors["rng"])
 
     def learning_rate(self, step):
@@ -125,8 +130,8 @@ class Trainer:
             group["lr"] = self.learning_rate(self.step)
         loss, loss_grad, loss_id = field_loss(self.model, self.refs_for_step(), self.eps,
                                               self.log_c, self.cfg, self.generator, self.cfg.backend)
-        if not math.isfinite(float(loss)):
-            raise BdiffError(f"training diverged at step {self.step} (loss {float(loss)}); "
+        if not math.isfinite(loss.item()):
+            raise BdiffError(f"training diverged at step {self.step} (loss {loss.item()}); "
                              "try a smaller --lr or a larger --eps")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,7 +141,7 @@ class Trainer:
             for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         self.step += 1
-        return float(loss), loss_grad, loss_id
+        return loss.item(), loss_grad, loss_id
 
     def refs_for_step(self):
         if len(self.refs) <= self.cfg.max_refs:

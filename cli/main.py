@@ -1,2 +1,303 @@
-def run():
+"""`bdiff`: fit, sample, evaluate, benchmark, rl. Parses options, calls the engine, prints."""
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bdiff import __version__
+from bdiff.errors import BdiffError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+                  help="Bellman Diffusion: learn a density p(x) and its gradient ∇p(x) as two "
+                       "neural fields, sample with the Bellman SDE.")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_CHECKPOINT = "bdiff.safetensors"
+
+
+def friendly(command):
+    """Turn engine errors into one red line on stderr and exit code 2 (1 for the unexpected)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BdiffError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except MemoryError:
+            err.print("[red]error:[/red] out of memory; try a smaller --batch-size")
+            raise typer.Exit(2)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - last line of defence against tracebacks
+            if os.environ.get("BDIFF_DEBUG"):
+                raise
+            err.print(f"[red]internal error:[/red] {type(error).__name__}: {error} "
+                      "(set BDIFF_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"bdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
     pass
+
+
+def _progress():
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                    console=err, transient=False, disable=not err.is_terminal and not
+                    os.environ.get("BDIFF_PROGRESS"))
+
+
+def _threads():
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@app.command()
+@friendly
+def fit(
+    data: str = typer.Argument(..., help="A .npy/.npz/.csv/.safetensors file, or a built-in: "
+                               "intervals, mixture, clusters, checkerboard, moons, swissroll, digits."),
+    output: Path = typer.Option(DEFAULT_CHECKPOINT, "-o", "--output", help="Checkpoint to write."),
+    key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
+    steps: int = typer.Option(3000, help="Training steps."),
+    batch_size: int = typer.Option(1024, help="Query points per step."),
+    lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
+    eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
+                                        "units). Default: Silverman's rule."),
+    grad_loss: str = typer.Option("direct", help="Gradient loss: direct, divergence or sliced."),
+    arch: str = typer.Option("shared", help="shared (one trunk) or separate (two networks)."),
+    width: int = typer.Option(256, help="Hidden width."),
+    depth: int = typer.Option(3, help="Hidden layers."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    backend: Optional[str] = typer.Option(None, help="Kernel backend: triton, torch, chunked, "
+                                          "naive, reference (default: automatic)."),
+    checkpoint_every: int = typer.Option(500, help="Write the checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run stored in --output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
+):
+    """Train the scalar and gradient fields on DATA and write a checkpoint.
+
+    Examples:
+
+      bdiff fit mixture
+
+      bdiff fit data.npy -o model.safetensors --steps 5000
+
+      bdiff fit data.npy -o model.safetensors --steps 8000 --resume
+    """
+    from bdiff.data import load_data
+    from bdiff.trainer import FitConfig, Trainer
+
+    if output.exists() and not (resume or force):
+        raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
+    if resume and not output.exists():
+        raise BdiffError(f"--resume: no checkpoint at {output}")
+    if checkpoint_every < 1:
+        raise BdiffError("--checkpoint-every must be >= 1")
+    _threads()
+    loaded = load_data(data, key=key)
+    cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, grad_loss=grad_loss,
+                    arch=arch, width=width, depth=depth, seed=seed, device=device,
+                    backend=backend, checkpoint_every=checkpoint_every)
+    trainer = Trainer(loaded.values, cfg, loaded.source, loaded.item_shape)
+    if resume:
+        trainer.restore(output)
+        if trainer.step >= trainer.cfg.steps:
+            raise BdiffError(f"{output} already has {trainer.step} steps; ask for more with --steps")
+    err.print(f"fitting {loaded.source}: {len(loaded.values)} points, D={trainer.dim}, "
+              f"ε={trainer.eps:.4g}, log C={trainer.log_c:.3f}, from step {trainer.step}",
+              highlight=False)
+    with _progress() as progress:
+        task = progress.add_task("fit", total=trainer.cfg.steps, completed=trainer.step, info="")
+        first = trainer.step
+
+        def on_step(step, losses, elapsed):
+            if step % 10 == 0 or step == trainer.cfg.steps:
+                rate = (step - first) / max(elapsed, 1e-9)
+                progress.update(task, completed=step,
+                                info=f"loss {losses[0]:.3e}  {rate:.0f} steps/s")
+
+        try:
+            seconds = trainer.run(output, on_step)
+        except KeyboardInterrupt:
+            err.print(f"interrupted at step {trainer.step}; checkpoint saved to {output}. "
+                      f"Continue with: bdiff fit {data} -o {output} --resume")
+            raise typer.Exit(130)
+    out.print(f"wrote {output} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
+
+
+def _sample_config(sampler, init, steps, seed, batch_size, backend):
+    from bdiff.sampler import SampleConfig
+    return SampleConfig(sampler=sampler, init=init, steps=steps, seed=seed,
+                        batch_size=batch_size, backend=backend)
+
+
+def _draw_samples(model, n, cfg, device):
+    """Samples in data units, with a progress bar over particle batches."""
+    from bdiff.sampler import sample
+    with _progress() as progress:
+        task = progress.add_task("sample", total=n, info="")
+        x, report = sample(model.fields, model.dim, model.eps, n, cfg, device,
+                           on_batch=lambda done, total: progress.update(task, completed=done))
+    return model.standardizer.inverse(x.cpu().numpy()), report
+
+
+def _load_model(checkpoint, device):
+    import torch
+    from bdiff.model import TrainedModel
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BdiffError(f"unknown device {device!r}")
+    return TrainedModel.load(checkpoint, device)
+
+
+@app.command("sample")
+@friendly
+def sample_command(
+    n: int = typer.Option(10_000, "--n", help="Number of samples."),
+    checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
+    output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
+    sampler: str = typer.Option("bellman", help="bellman (the paper's SDE) or precond (preconditioned)."),
+    init: str = typer.Option("importance", help="importance (resample s/q) or gaussian start."),
+    steps: int = typer.Option(100, help="SDE steps."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
+    batch_size: int = typer.Option(10_000, help="Particles simulated at once."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    backend: Optional[str] = typer.Option(None, help="Kernel backend (default: automatic)."),
+):
+    """Draw samples from a trained model with the Bellman SDE; writes data units.
+
+    Examples:
+
+      bdiff sample --n 10000
+
+      bdiff sample -c model.safetensors --n 500 -o samples.csv --sampler precond --steps 300
+    """
+    from bdiff.data import save_array
+    if n < 1:
+        raise BdiffError(f"--n must be a positive number of samples, got {n}")
+    _check_output(output, (".npy", ".csv"))
+    _threads()
+    model = _load_model(checkpoint, device)
+    values, report = _draw_samples(model, n, _sample_config(sampler, init, steps, seed, batch_size, backend), device)
+    shape = tuple(model.meta.get("item_shape") or [model.dim])
+    save_array(output, values.reshape(len(values), *shape))
+    share = report["low_density_share"]
+    out.print(f"wrote {output}: {n} samples ({report['sampler']} SDE, {report['init']} start, "
+              f"{report['steps']} steps); {share:.2%} ended where s ≈ 0", highlight=False)
+
+
+def _check_output(path, extensions):
+    path = Path(path)
+    if path.suffix.lower() not in extensions:
+        raise BdiffError(f"cannot write {path}: use a {' or '.join(extensions)} file name")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise BdiffError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BdiffError(f"cannot write {path}: folder {folder} is not writable")
+
+
+@app.command()
+@friendly
+def evaluate(
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out data: a file or a built-in "
+                                       "name (its held-out split). Default: the training set's built-in."),
+    checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Samples file; default: sample now."),
+    key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
+    n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
+    sampler: str = typer.Option("bellman", help="Sampler when sampling now."),
+    init: str = typer.Option("importance", help="Start when sampling now."),
+    steps: int = typer.Option(100, help="SDE steps when sampling now."),
+    seed: int = typer.Option(0, help="Random seed."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG figures into this folder."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Score a model: sample quality against held-out data (with the ideal reference), held-out
+    log-likelihood, field error and mode weights where the true density is known.
+
+    Examples:
+
+      bdiff evaluate --data mixture --plot plots
+
+      bdiff evaluate --data heldout.npy --samples samples.npy --json metrics.json
+    """
+    from bdiff.data import load_data
+    from bdiff.datasets import BUILTINS
+    from bdiff.metrics import evaluate as evaluate_model
+    if json_path is not None:
+        _check_output(json_path, (".json",))
+    _threads()
+    model = _load_model(checkpoint, device)
+    data = data or model.meta.get("source")
+    if data not in BUILTINS and (data is None or not os.path.exists(data)):
+        raise BdiffError("give held-out data with --data (a file or a built-in dataset name)")
+    heldout = load_data(data, key=key, split="heldout").values
+    model.check_dim(heldout, f"held-out data {data}")
+    report = {}
+    if samples is not None:
+        values = load_data(str(samples)).values
+    else:
+        values, report = _draw_samples(model, n, _sample_config(sampler, init, steps, seed, 10_000, None), device)
+    builtin = BUILTINS.get(data) if data in BUILTINS and not os.path.exists(data) else None
+    law = builtin.law if builtin is not None else None
+    metrics = evaluate_model(model, heldout, values, law=law, seed=seed)
+    if report:
+        metrics["low_density_share"] = report["low_density_share"]
+    table = Table(title=f"bdiff evaluate: {checkpoint} on {data}")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("ideal reference", justify="right")
+    for name, value in metrics.items():
+        if name.endswith("_ideal"):
+            continue
+        ideal = metrics.get(f"{name}_ideal")
+        table.add_row(name, _fmt(value), "" if ideal is None else _fmt(ideal))
+    out.print(table)
+    if json_path is not None:
+        from bdiff.data import atomic_path
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(metrics, indent=2))
+        out.print(f"wrote {json_path}")
+    if plot is not None:
+        from bdiff.plots import write_plots
+        train = load_data(data, key=key, split="train").values if builtin is not None else heldout
+        shape = tuple(model.meta.get("item_shape") or [model.dim])
+        paths = write_plots(str(plot), model, train, values, shape, law)
+        out.print(f"wrote {len(paths)} figures to {plot}/")
+
+
+def _fmt(value):
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def run():
+    app()
+
+
+if __name__ == "__main__":
+    run()

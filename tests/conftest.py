@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+import torch
+
+from bdiff.datasets import BUILTINS
+from bdiff.trainer import FitConfig, Trainer
+
+torch.set_num_threads(2)
+
+TINY = dict(steps=60, width=32, depth=2, batch_size=256, checkpoint_every=20)
+
+
+@pytest.fixture(scope="session")
+def mixture_small():
+    return BUILTINS["mixture"].load("train", n=1500)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, mixture_small):
+    """A briefly trained 2-D model: enough for plumbing tests, not for quality."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    Trainer(mixture_small, FitConfig(**TINY), "mixture").run(str(path))
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,161 @@
+"""Every command through Typer's CliRunner, good and bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bdiff.cli.main import app
+
+runner = CliRunner()
+FAST_FIT = ["--steps", "20", "--width", "32", "--depth", "2", "--batch-size", "128"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output + result.stderr
+    return result
+
+
+def assert_clean_failure(result, message):
+    assert result.exit_code == 2, result.output + result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") <= 2  # one message, maybe wrapped
+
+
+@pytest.fixture
+def data_file(tmp_path, mixture_small):
+    path = tmp_path / "data.npy"
+    np.save(path, mixture_small[:800])
+    return path
+
+
+@pytest.mark.parametrize("command", ["fit", "sample", "evaluate"])
+def test_help_has_examples(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Examples" in result.output
+
+
+def test_top_level_help_lists_commands():
+    result = invoke("--help")
+    assert all(name in result.output for name in ["fit", "sample", "evaluate"])
+
+
+def test_fit_sample_evaluate(tmp_path, data_file):
+    ckpt = tmp_path / "m.safetensors"
+    result = invoke("fit", data_file, "-o", ckpt, *FAST_FIT)
+    assert result.exit_code == 0, result.stderr
+    assert ckpt.exists()
+    out = tmp_path / "s.npy"
+    result = invoke("sample", "-c", ckpt, "--n", 300, "-o", out, "--steps", 5)
+    assert result.exit_code == 0, result.stderr
+    assert np.load(out).shape == (300, 2) and "ended where s ≈ 0" in result.output
+    invoke("sample", "-c", ckpt, "--n", 300, "-o", tmp_path / "again.npy", "--steps", 5)
+    assert (tmp_path / "again.npy").read_bytes() == out.read_bytes()  # same seed, same file
+    invoke("sample", "-c", ckpt, "--n", 50, "-o", tmp_path / "s.csv", "--steps", 2, "--sampler", "precond")
+    assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (50, 2)
+    report = tmp_path / "metrics.json"
+    result = invoke("evaluate", "-c", ckpt, "--data", data_file, "--samples", out, "--json", report,
+                    "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(report.read_text())
+    for key in ["mmd", "mmd_ideal", "sliced_wasserstein", "energy_distance", "loglik"]:
+        assert np.isfinite(metrics[key])
+    for name in ["data", "scalar_field", "gradient_field", "samples", "overview"]:
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_evaluate_builtin_reports_mode_weights_and_field_error(tiny_checkpoint, tmp_path):
+    report = tmp_path / "m.json"
+    result = invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--n", 400, "--steps", 3,
+                    "--json", report)
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(report.read_text())
+    for key in ["mode_weight_error", "mode_weight_error_ideal", "field_error_s", "loglik_true"]:
+        assert key in metrics
+
+
+def test_fit_protects_existing_output_and_resumes(tmp_path, data_file):
+    ckpt = tmp_path / "m.safetensors"
+    invoke("fit", data_file, "-o", ckpt, *FAST_FIT)
+    before = ckpt.read_bytes()
+    assert_clean_failure(invoke("fit", data_file, "-o", ckpt, *FAST_FIT), "--resume")
+    assert ckpt.read_bytes() == before
+    assert_clean_failure(invoke("fit", data_file, "-o", ckpt, *FAST_FIT, "--resume"), "already has 20 steps")
+    result = invoke("fit", data_file, "-o", ckpt, "--resume", "--steps", "30")
+    assert result.exit_code == 0, result.stderr
+    assert "30 steps" in result.output
+    assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "none.safetensors", "--resume"),
+                         "no checkpoint")
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.array([[1.0, np.nan], [2.0, 3.0]]), "NaN or inf"),
+    (np.zeros((0, 2)), "empty"),
+    (np.zeros((1, 2)), "at least 2 rows"),
+    (np.zeros((2, 1, 1, 1, 1)), "expected shape"),
+    (np.array(["a", "b"]), "expected numbers"),
+    (np.array([None, {}], dtype=object), "pickled"),
+])
+def test_fit_bad_data(tmp_path, content, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, content, allow_pickle=True)
+    assert_clean_failure(invoke("fit", path, "-o", tmp_path / "m.safetensors", *FAST_FIT), message)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--eps", "0"], "sensible range"), (["--eps", "1e12"], "sensible range"),
+    (["--eps", "-1"], "sensible range"), (["--lr", "-0.1"], "--lr"),
+    (["--grad-loss", "magic"], "unknown gradient loss"), (["--steps", "0"], "--steps"),
+    (["--device", "cuda"], "cuda"), (["--backend", "gpu"], "unknown backend"),
+])
+def test_fit_bad_options(tmp_path, data_file, option, message):
+    assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT, *option),
+                         message)
+
+
+def test_fit_missing_file_and_unwritable_output(tmp_path, data_file, monkeypatch):
+    assert_clean_failure(invoke("fit", tmp_path / "nope.npy"), "no such file")
+    assert_clean_failure(invoke("fit", "nonsense"), "built-in")
+    assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "missing" / "m.safetensors", *FAST_FIT),
+                         "does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    assert_clean_failure(invoke("fit", data_file, "-o", locked / "m.safetensors", *FAST_FIT), "not writable")
+
+
+def test_sample_bad_input_leaves_existing_output_alone(tmp_path, tiny_checkpoint):
+    out = tmp_path / "samples.npy"
+    np.save(out, np.arange(3.0))
+    before = out.read_bytes()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(tiny_checkpoint.read_bytes()[:500])
+    cases = [
+        (["--n", "0"], "positive"), (["--n", "-5"], "positive"),
+        (["-c", corrupt], "corrupt or truncated"), (["-c", tmp_path / "none.safetensors"], "no checkpoint"),
+        (["--sampler", "magic"], "unknown sampler"), (["--init", "grid"], "unknown --init"),
+        (["--steps", "-1"], "--steps"), (["--device", "cuda"], "cuda"),
+    ]
+    for args, message in cases:
+        args = args if "-c" in args else ["-c", tiny_checkpoint, *args]
+        assert_clean_failure(invoke("sample", *args, "-o", out), message)
+        assert out.read_bytes() == before
+    assert_clean_failure(invoke("sample", "-c", tiny_checkpoint, "-o", tmp_path / "no" / "s.npy"),
+                         "does not exist")
+    assert_clean_failure(invoke("sample", "-c", tiny_checkpoint, "-o", tmp_path / "s.txt"), ".npy or .csv")
+
+
+def test_evaluate_bad_input(tmp_path, tiny_checkpoint):
+    three_d = tmp_path / "three.npy"
+    np.save(three_d, np.random.default_rng(0).normal(size=(50, 3)))
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", three_d), "3 dimensions")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "intervals"), "1 dimensions")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", tmp_path / "x.npy"), "--data")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--samples", three_d),
+                         "3 dimensions")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--json",
+                                tmp_path / "no" / "m.json"), "does not exist")

@@ -1,0 +1,121 @@
+"""Loading every format, the built-in datasets and their densities, and bad input."""
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from bdiff.data import Standardizer, fingerprint, load_data, save_array
+from bdiff.datasets import BUILTINS
+from bdiff.errors import BdiffError
+
+
+def test_formats_round_trip(tmp_path, rng):
+    values = rng.normal(size=(50, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", values)
+    np.savez(tmp_path / "one.npz", x=values)
+    np.savez(tmp_path / "two.npz", x=values, y=values[:, :2])
+    np.savetxt(tmp_path / "plain.csv", values, delimiter=",")
+    (tmp_path / "header.csv").write_text("a,b,c\n" + "\n".join(",".join(map(str, r)) for r in values))
+    save_file({"data": values}, str(tmp_path / "a.safetensors"))
+    for name in ["a.npy", "one.npz", "plain.csv", "header.csv", "a.safetensors"]:
+        loaded = load_data(tmp_path / name)
+        np.testing.assert_allclose(loaded.values, values, rtol=1e-6, err_msg=name)
+    assert load_data(tmp_path / "two.npz", key="y").values.shape == (50, 2)
+    with pytest.raises(BdiffError, match="--key"):
+        load_data(tmp_path / "two.npz")
+    with pytest.raises(BdiffError, match="no array 'z'"):
+        load_data(tmp_path / "two.npz", key="z")
+
+
+def test_images_flatten_and_keep_their_shape(tmp_path, rng):
+    np.save(tmp_path / "img.npy", rng.random((10, 2, 5, 4)))
+    loaded = load_data(tmp_path / "img.npy")
+    assert loaded.values.shape == (10, 40) and loaded.item_shape == (2, 5, 4)
+
+
+def test_one_dimensional_vector_is_one_column(tmp_path):
+    np.save(tmp_path / "v.npy", np.arange(5.0))
+    assert load_data(tmp_path / "v.npy").values.shape == (5, 1)
+
+
+BAD = {
+    "nan.npy": (lambda p: np.save(p, np.array([[1.0, 2.0], [np.nan, 1.0], [0.0, 1.0]])), "NaN or inf"),
+    "inf.npy": (lambda p: np.save(p, np.array([[1.0], [np.inf]])), "NaN or inf"),
+    "empty.npy": (lambda p: np.save(p, np.zeros((0, 2))), "empty"),
+    "onerow.npy": (lambda p: np.save(p, np.zeros((1, 2))), "at least 2 rows"),
+    "scalar.npy": (lambda p: np.save(p, np.float64(3.0)), "expected shape"),
+    "rank5.npy": (lambda p: np.save(p, np.zeros((2, 1, 1, 1, 1))), "expected shape"),
+    "strings.npy": (lambda p: np.save(p, np.array([["a", "b"], ["c", "d"]])), "expected numbers"),
+    "objects.npy": (lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True), "pickled"),
+    "words.csv": (lambda p: p.write_text("x,y\n1,2\nfoo,3\n"), "not a numeric CSV"),
+    "garbage.npy": (lambda p: p.write_bytes(b"not a numpy file at all"), "cannot read"),
+    "garbage.npz": (lambda p: p.write_bytes(b"PK\x03\x04 broken zip"), "cannot read"),
+    "garbage.safetensors": (lambda p: p.write_bytes(b"\x00\x01"), "cannot read"),
+    "data.txt": (lambda p: p.write_text("1,2\n"), "supported formats"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_gives_one_clear_error(tmp_path, name):
+    write, message = BAD[name]
+    write(tmp_path / name)
+    with pytest.raises(BdiffError, match=message):
+        load_data(tmp_path / name)
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(BdiffError, match="no such file"):
+        load_data("/nonexistent/data.npy")
+    with pytest.raises(BdiffError, match="built-in"):
+        load_data("no-such-dataset")
+
+
+def test_standardizer_round_trip_and_constant_columns(rng):
+    values = np.column_stack([rng.normal(5, 3, 100), np.full(100, 7.0)]).astype(np.float32)
+    st = Standardizer.fit(values)
+    z = st.forward(values)
+    assert np.allclose(z[:, 0].mean(), 0, atol=1e-5) and np.allclose(z[:, 0].std(), 1, atol=1e-4)
+    assert np.all(np.isfinite(z)) and np.allclose(st.inverse(z), values, atol=1e-4)
+    assert Standardizer.from_dict(st.to_dict()).std.tolist() == st.std.tolist()
+
+
+def test_fingerprint_tells_data_apart(rng):
+    a = rng.normal(size=(20, 2))
+    assert fingerprint(a) == fingerprint(a.copy()) != fingerprint(a + 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtins_load_and_split(name):
+    train, held = BUILTINS[name].load("train", n=500), BUILTINS[name].load("heldout", n=500)
+    assert train.dtype == np.float32 and train.ndim == 2 and np.isfinite(train).all()
+    assert not np.array_equal(train[:10], held[:10])
+    assert np.array_equal(train, BUILTINS[name].load("train", n=500))  # deterministic
+
+
+@pytest.mark.parametrize("name", ["intervals", "mixture", "clusters", "checkerboard"])
+def test_known_densities_integrate_to_one_and_match_samples(name):
+    law = BUILTINS[name].law
+    values = BUILTINS[name].load("train", n=20000)
+    dim = values.shape[1]
+    lo, hi = values.min(0) - 1.5, values.max(0) + 1.5
+    axes = [np.linspace(a, b, 3000 if dim == 1 else 400) for a, b in zip(lo, hi)]
+    grid = np.stack([m.ravel() for m in np.meshgrid(*axes, indexing="ij")], 1)
+    cell = np.prod([ax[1] - ax[0] for ax in axes])
+    for noise in (0.0, 0.05):
+        mass = law.smoothed_density(grid, np.full(dim, noise)).sum() * cell
+        assert mass == pytest.approx(1.0, abs=0.01), (name, noise)
+    shares = np.bincount(law.component(values), minlength=len(law.weights)) / len(values)
+    np.testing.assert_allclose(shares, law.weights, atol=0.015)
+
+
+def test_save_array_is_atomic_and_checks_paths(tmp_path, rng):
+    target = tmp_path / "s.npy"
+    save_array(target, rng.normal(size=(4, 2)))
+    before = target.read_bytes()
+    with pytest.raises(BdiffError, match="does not exist"):
+        save_array(tmp_path / "missing" / "s.npy", np.zeros((2, 2)))
+    with pytest.raises(BdiffError, match=".npy or .csv"):
+        save_array(tmp_path / "s.txt", np.zeros((2, 2)))
+    assert target.read_bytes() == before
+    save_array(tmp_path / "s.csv", np.ones((3, 2)))
+    assert (tmp_path / "s.csv").read_text().count("\n") == 3
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -1,0 +1,145 @@
+"""Model contract: shapes, gradients, checkpoint round trip, resume, interruption, bad checkpoints."""
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bdiff.checkpoint import read_checkpoint
+from bdiff.errors import BdiffError
+from bdiff.fields import FieldModel
+from bdiff.losses import bandwidth, divergence, draw_queries, log_normaliser, smoothed_targets
+from bdiff.model import TrainedModel
+from bdiff.trainer import FitConfig, Trainer
+
+from conftest import TINY
+
+
+@pytest.mark.parametrize("arch", ["shared", "separate"])
+def test_field_model_shapes_and_gradients(arch):
+    net = FieldModel(3, width=16, depth=2, arch=arch)
+    x = torch.randn(7, 3, requires_grad=True)
+    s, g = net(x)
+    assert s.shape == (7,) and g.shape == (7, 3)
+    (s.sum() + g.sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_divergence_exact_and_sliced_on_a_linear_field():
+    a = torch.randn(4, 4)
+    x = torch.randn(4000, 4, requires_grad=True)
+    g = x @ a.T  # ∇·g = trace(a) everywhere
+    exact = divergence(g, x)
+    torch.testing.assert_close(exact, torch.full((4000,), a.trace().item()), rtol=1e-5, atol=1e-5)
+    sliced = divergence(g, x, torch.Generator().manual_seed(0), sliced=True)
+    assert sliced.mean().item() == pytest.approx(a.trace().item(), abs=0.25 * a.abs().sum().item() / 4)
+
+
+def test_bandwidth_rules_shrink_with_n():
+    assert bandwidth(10_000, 2) < bandwidth(100, 2)
+    assert bandwidth(10_000, 2, "scott") == pytest.approx(bandwidth(10_000, 2))  # equal at D = 2
+    assert bandwidth(10_000, 5, "scott") > bandwidth(10_000, 5)
+
+
+def test_targets_and_queries(mixture_small):
+    refs = torch.from_numpy(mixture_small)
+    gen = torch.Generator().manual_seed(0)
+    queries, exclude = draw_queries(refs, 100, 0.05, (0.5, 0.3, 0.2), 2.0, 1.5, gen)
+    assert queries.shape == (100, 2) and (exclude[:80] >= 0).all() and (exclude[80:] == -1).all()
+    assert torch.equal(queries[:50], refs[exclude[:50]])
+    log_c = log_normaliser(refs, 0.05, gen)
+    s, g = smoothed_targets(queries, refs, 0.05, log_c, exclude)
+    assert (s >= 0).all() and torch.isfinite(g).all()
+    assert 0.1 < s[:50].median().item() < 10  # log C puts data-point targets near 1
+
+
+def _tiny_trainer(data, **overrides):
+    return Trainer(data, FitConfig(**dict(TINY, **overrides)), "mixture")
+
+
+def test_checkpoint_round_trip_gives_identical_fields(tmp_path, mixture_small):
+    trainer = _tiny_trainer(mixture_small, steps=15)
+    trainer.run(str(tmp_path / "m.safetensors"))
+    model = TrainedModel.load(tmp_path / "m.safetensors")
+    x = torch.randn(64, 2)
+    s1, g1 = trainer.ema.fields_batched(x)
+    s2, g2 = model.fields(x)
+    assert torch.equal(s1, s2) and torch.equal(g1, g2)
+    _, meta = read_checkpoint(tmp_path / "m.safetensors")
+    for key in ["version", "config", "eps", "log_c", "standardizer", "dim", "fingerprint", "step"]:
+        assert key in meta
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    assert any(k.startswith("optim.") for k in tensors) and "rng" in tensors
+    assert any(k.startswith("ema.") for k in tensors)
+
+
+def test_resume_from_periodic_checkpoint_equals_uninterrupted(tmp_path, mixture_small):
+    path = tmp_path / "whole.safetensors"
+
+    def keep_step_20(step, losses, elapsed):
+        if step == 21:  # the periodic checkpoint of step 20 is on disk now
+            shutil.copy(path, tmp_path / "at20.safetensors")
+
+    whole = _tiny_trainer(mixture_small, steps=40)
+    whole.run(str(path), keep_step_20)
+    resumed = _tiny_trainer(mixture_small, steps=40)
+    resumed.restore(tmp_path / "at20.safetensors")
+    assert resumed.step == 20
+    resumed.run(str(tmp_path / "at20.safetensors"))
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(whole.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_interrupt_leaves_a_resumable_checkpoint(tmp_path, mixture_small):
+    path = str(tmp_path / "int.safetensors")
+    whole = _tiny_trainer(mixture_small, steps=30)
+    whole.run(None)
+    stopped = _tiny_trainer(mixture_small, steps=30)
+
+    def ctrl_c(step, losses, elapsed):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(path, ctrl_c)
+    resumed = _tiny_trainer(mixture_small, steps=30)
+    resumed.restore(path)
+    assert resumed.step == 12
+    resumed.run(path)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_other_data(tmp_path, mixture_small):
+    _tiny_trainer(mixture_small, steps=5).run(str(tmp_path / "m.safetensors"))
+    other = _tiny_trainer(mixture_small[:1000], steps=10)
+    with pytest.raises(BdiffError, match="different data"):
+        other.restore(tmp_path / "m.safetensors")
+
+
+def test_bad_config_values(mixture_small):
+    for bad in [dict(eps=0.0), dict(eps=1e9), dict(eps=float("nan")), dict(lr=-1.0),
+                dict(grad_loss="nope"), dict(steps=0), dict(device="tpu")]:
+        with pytest.raises(BdiffError):
+            _tiny_trainer(mixture_small, **bad)
+
+
+def test_bad_checkpoints(tmp_path, tiny_checkpoint):
+    raw = tiny_checkpoint.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    tensors, meta = read_checkpoint(tiny_checkpoint)
+    save_file(tensors, str(tmp_path / "future.safetensors"),
+              metadata={"bdiff": json.dumps(dict(meta, format_version=99))})
+    cases = {"trunc": "corrupt or truncated", "junk": "corrupt or truncated",
+             "foreign": "not a bdiff checkpoint", "future": "format 99", "missing": "no checkpoint"}
+    for name, message in cases.items():
+        with pytest.raises(BdiffError, match=message):
+            TrainedModel.load(tmp_path / f"{name}.safetensors")
