@@ -62,3 +62,18 @@ def sde_step(x, s, g, h, seed, step, offset=0, delta=None, backend=None):
         noise = sde_noise(x.shape, seed, step, offset, x.device)
         return sde_step_reference(x, s, g, noise, h, delta).to(x.dtype)
     return sde_step_torch(x, s, g, h, seed, step, offset, delta)
+
+
+def oracle_sde_step(x, refs, eps, log_c, s_floor, h, seed, step, offset=0, delta=None, backend=None):
+    """One SDE step driven by the exact smoothed fields against `refs`: fused into one Triton
+    launch for small D, else the field reduction followed by the step."""
+    name = resolve(backend, x.device)
+    if name == "triton":
+        from bdiff.kernels.triton_field import SMALL_D
+        if x.shape[1] <= SMALL_D:
+            from bdiff.kernels.triton_sde import oracle_sde_step_triton
+            return oracle_sde_step_triton(x, refs, eps, log_c, s_floor, h, seed, step, offset, delta)
+    lse, mean = field_matching(x, refs, eps, None, name)
+    s = torch.exp(lse - log_c)
+    s = torch.where(s > s_floor, s, torch.zeros_like(s))
+    return sde_step(x, s, s.unsqueeze(1) * mean, h, seed, step, offset, delta, name)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bdiff.backend import field_matching, sde_step
+from bdiff.backend import field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
 
 SAMPLERS = ("bellman", "precond")
@@ -83,6 +83,15 @@ def _initial(fields_fn, n, dim, cfg, s_floor, generator, device):
     return candidates[picks.to(device)]
 
 
+def _advance(fields_fn, x, s_floor, h, seed, step, offset, delta, backend):
+    if isinstance(fields_fn, OracleFields):  # fields and step in one launch where possible
+        return oracle_sde_step(x, fields_fn.refs, fields_fn.eps, fields_fn.log_c, s_floor, h, seed,
+                               step, offset, delta, fields_fn.backend)
+    s, g = fields_fn(x)
+    s = torch.where(s > s_floor, s, torch.zeros_like(s))
+    return sde_step(x, s, g, h, seed, step, offset, delta, backend)
+
+
 def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None):
     """n samples in standardised units and a report (step size, low-density share)."""
     cfg.validate()
@@ -100,9 +109,7 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None):
         generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
         x = _initial(fields_fn, count, dim, cfg, s_floor, generator, device)
         for step in range(cfg.steps):
-            s, g = fields_fn(x)
-            s = torch.where(s > s_floor, s, torch.zeros_like(s))
-            x = sde_step(x, s, g, h, cfg.seed, step, start, delta, cfg.backend)
+            x = _advance(fields_fn, x, s_floor, h, cfg.seed, step, start, delta, cfg.backend)
         batches.append(x)
         if on_batch is not None:
             on_batch(start + count, n)

@@ -1,3 +1,8 @@
+import os
+
+# Triton kernels run on the CPU interpreter in tests; it must be set before Triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 import torch

@@ -1,0 +1,116 @@
+"""Ahead-of-time compile of every Triton kernel configuration the dispatch can launch, for
+sm_80 and sm_90, without a GPU; registers, shared memory and spills read with the
+cuobjdump that ships with Triton."""
+import multiprocessing
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+INT_ARGS = {"B", "M", "D", "n_elem", "stride_x", "stride_y", "seed", "first_elem", "first_row"}
+FLOAT_ARGS = {"inv_eps", "h", "sqrt_h", "delta", "log_norm", "s_floor"}
+CAPABILITIES = (80, 90)
+
+
+def launch_configurations():
+    """(kernel name, constexprs, num_warps) for every launch the dispatch can make."""
+    from bdiff.kernels.triton_field import SMALL_D, launch_config
+    from bdiff.kernels.triton_field import small_d_warps
+    from bdiff.kernels.triton_sde import ORACLE_BLOCKS, SDE_BLOCK
+    configs = []
+    dims = [d for d in (1, 2, 4, 8) if d <= SMALL_D] + [SMALL_D + 1]
+    for dim in dims:
+        cfg = launch_config(dim)
+        warps = cfg.pop("num_warps")
+        for kernel in ("field_forward_kernel", "field_backward_kernel"):
+            for exclude in (False, True):
+                configs.append((kernel, dict(cfg, HAS_EXCLUDE=exclude, PRECISION="ieee"), warps))
+    for precond in (False, True):
+        configs.append(("sde_step_kernel", dict(PRECOND=precond, BLOCK=SDE_BLOCK), 4))
+        for block_d in (1, 2, 4, 8):
+            configs.append(("oracle_sde_step_kernel",
+                            dict(ORACLE_BLOCKS, PRECOND=precond, BLOCK_D=block_d),
+                            small_d_warps(block_d)))
+    return configs
+
+
+def _kernel(name):
+    from bdiff.kernels import triton_field, triton_sde
+    return getattr(triton_field, name, None) or getattr(triton_sde, name)
+
+
+def _signature(kernel):
+    sig = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            sig[param.name] = "constexpr"
+        elif param.name == "excl_ptr":
+            sig[param.name] = "*i64"
+        elif param.name.endswith("_ptr"):
+            sig[param.name] = "*fp32"
+        elif param.name in INT_ARGS:
+            sig[param.name] = "i32"
+        elif param.name in FLOAT_ARGS:
+            sig[param.name] = "fp32"
+        else:
+            raise ValueError(f"no type for argument {param.name}")
+    return sig
+
+
+def compile_one(name, constexprs, num_warps, capability):
+    """Compile one configuration; returns registers, stack, shared and local bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses
+    from triton.compiler import ASTSource
+    kernel = _kernel(name)
+    source = ASTSource(fn=kernel, signature=_signature(kernel), constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin, \
+            tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as ptx:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = _run(os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name)
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        # ptxas -v separates real register spills from other stack use (libdevice's cosf
+        # slow path, reached through tl.randn, keeps a small scratch array on the stack)
+        arch = re.search(r"^\.target\s+(sm_\w+)", compiled.asm["ptx"], re.M).group(1)  # sm_90a
+        # the flags Triton's own make_cubin passes, so the log describes the cubin above
+        verbose = _run(get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                       f"--gpu-name={arch}", ptx.name, "-o", os.devnull)
+    regs, stack, shared, local = map(int, re.search(
+        r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage).groups())
+    spill_stores, spill_loads = map(int, re.search(
+        r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose).groups())
+    return {"kernel": name, "sm": capability, "num_warps": num_warps, "config": dict(constexprs),
+            "registers": regs, "stack_bytes": stack, "local_bytes": local,
+            "shared_bytes": shared + compiled.metadata.shared, "spill_store_bytes": spill_stores,
+            "spill_load_bytes": spill_loads, "spills": spill_stores + spill_loads + local > 0}
+
+
+def _run(*command):
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return result.stdout + result.stderr
+
+
+def _compile_args(args):
+    return compile_one(*args)
+
+
+def _compiler_process():
+    # The interpreter replaces @triton.jit functions; compiling needs the real ones.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def compile_all(capabilities=CAPABILITIES, workers=2):
+    """Compile every configuration for every capability, in fresh `workers` processes (so the
+    check also works from a process running the Triton interpreter)."""
+    jobs = [(name, consts, warps, cap) for cap in capabilities
+            for name, consts, warps in launch_configurations()]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_compiler_process) as pool:
+        return list(pool.map(_compile_args, jobs))
