@@ -75,5 +75,5 @@ def oracle_sde_step(x, refs, eps, log_c, s_floor, h, seed, step, offset=0, delta
             return oracle_sde_step_triton(x, refs, eps, log_c, s_floor, h, seed, step, offset, delta)
     lse, mean = field_matching(x, refs, eps, None, name)
     s = torch.exp(lse - log_c)
-    s = torch.where(s > s_floor, s, torch.zeros_like(s))
+    s = torch.where(s > s_floor, s, torch.zeros_like(s))  # g = s·mean is then zero as well
     return sde_step(x, s, s.unsqueeze(1) * mean, h, seed, step, offset, delta, name)

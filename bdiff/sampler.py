@@ -18,7 +18,7 @@ INITS = ("importance", "gaussian")
 
 @dataclass
 class SampleConfig:
-    sampler: str = "bellman"
+    sampler: str = "precond"  # best measured (NOTES.md); "bellman" is the paper's SDE
     init: str = "importance"
     steps: int = 100
     step_frac: float = 0.1    # bellman: largest drift step = step_frac·sqrt(ε)
@@ -88,7 +88,11 @@ def _advance(fields_fn, x, s_floor, h, seed, step, offset, delta, backend):
         return oracle_sde_step(x, fields_fn.refs, fields_fn.eps, fields_fn.log_c, s_floor, h, seed,
                                step, offset, delta, fields_fn.backend)
     s, g = fields_fn(x)
-    s = torch.where(s > s_floor, s, torch.zeros_like(s))
+    # below the floor the density counts as zero, and so does its gradient: a spurious g there
+    # divided by a tiny s + δ would throw preconditioned particles far away
+    alive = s > s_floor
+    s = torch.where(alive, s, torch.zeros_like(s))
+    g = torch.where(alive.unsqueeze(1), g, torch.zeros_like(g))
     return sde_step(x, s, g, h, seed, step, offset, delta, backend)
 
 

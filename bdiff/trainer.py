@@ -80,7 +80,7 @@ class Trainer:
         self.eps = cfg.eps if cfg.eps is not None else bandwidth(len(values), self.dim, cfg.eps_rule)
         self._build()
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
+        self.step, self.train_seconds = 0, 0.0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
 
     def _build(self):
@@ -93,7 +93,8 @@ class Trainer:
         return {"config": asdict(self.cfg), "eps": self.eps, "log_c": self.log_c,
                 "standardizer": self.standardizer.to_dict(), "dim": self.dim,
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
-                "step": self.step, "source": self.source, "n_train": len(self.refs)}
+                "step": self.step, "source": self.source, "n_train": len(self.refs),
+                "train_seconds": self.train_seconds}
 
     def save(self, path):
         save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
@@ -108,6 +109,7 @@ class Trainer:
         self.cfg = FitConfig.from_dict(dict(meta["config"], steps=self.cfg.steps,
                                             checkpoint_every=self.cfg.checkpoint_every))
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
+        self.train_seconds = meta.get("train_seconds", 0.0)
         try:
             self._build()
             self.model.load_state_dict(split_state(tensors, "model"))
@@ -151,10 +153,11 @@ class Trainer:
     def run(self, checkpoint_path=None, on_step=None):
         """Train to cfg.steps. Checkpoints every cfg.checkpoint_every steps, at the end, and on
         Ctrl-C (then re-raises KeyboardInterrupt so the caller can exit)."""
-        start = time.perf_counter()
+        start, previous = time.perf_counter(), self.train_seconds
         with _deferred_interrupt() as interrupted:
             while self.step < self.cfg.steps and not interrupted():
                 losses = self.train_step()
+                self.train_seconds = previous + time.perf_counter() - start
                 if on_step is not None:
                     on_step(self.step, losses, time.perf_counter() - start)
                 if checkpoint_path and self.step % self.cfg.checkpoint_every == 0:

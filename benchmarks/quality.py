@@ -8,11 +8,13 @@ and evaluates against the held-out split. Prints a markdown table; --json writes
 """
 import argparse
 import json
+import os
 import time
 
 import torch
 
 from bdiff.datasets import BUILTINS
+from bdiff.errors import BdiffError
 from bdiff.metrics import evaluate
 from bdiff.model import TrainedModel
 from bdiff.sampler import SampleConfig, sample
@@ -31,6 +33,7 @@ def main():
     parser.add_argument("--steps", type=int, default=FitConfig.steps)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reuse", action="store_true", help="load an earlier run's checkpoints")
     args = parser.parse_args()
     torch.set_num_threads(2)
     records = []
@@ -38,13 +41,20 @@ def main():
         train, heldout = BUILTINS[name].load("train"), BUILTINS[name].load("heldout")
         for loss in args.losses:
             path = f"/tmp/bdiff-quality-{name}-{loss}.safetensors"
-            trainer = Trainer(train, FitConfig(steps=args.steps, grad_loss=loss), name)
-            fit_s = trainer.run(path)
+            if not (args.reuse and os.path.exists(path)):
+                Trainer(train, FitConfig(steps=args.steps, grad_loss=loss), name).run(path)
             model = TrainedModel.load(path)
+            fit_s = model.meta["train_seconds"]
             for sampler_name, init in COMBOS:
                 start = time.perf_counter()
-                x, report = sample(model.fields, model.dim, model.eps, args.n,
-                                   SampleConfig(sampler=sampler_name, init=init))
+                try:
+                    x, report = sample(model.fields, model.dim, model.eps, args.n,
+                                       SampleConfig(sampler=sampler_name, init=init))
+                except BdiffError as error:
+                    records.append({"dataset": name, "loss": loss, "sampler": sampler_name,
+                                    "init": init, "fit_s": round(fit_s, 1), "error": str(error)})
+                    print(json.dumps(records[-1]), flush=True)
+                    continue
                 sample_s = time.perf_counter() - start
                 values = model.standardizer.inverse(x.numpy())
                 metrics = evaluate(model, heldout, values, BUILTINS[name].law)
@@ -56,7 +66,7 @@ def main():
                 print(json.dumps(record), flush=True)
     cols = ["dataset", "loss", "sampler", "init", "fit_s", "sample_s", "mmd", "mmd_ideal",
             "sliced_wasserstein", "mode_weight_error", "outside_share", "field_error_s",
-            "low_density_share"]
+            "low_density_share", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in records:

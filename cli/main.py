@@ -177,7 +177,8 @@ def sample_command(
     n: int = typer.Option(10_000, "--n", help="Number of samples."),
     checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
     output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
-    sampler: str = typer.Option("bellman", help="bellman (the paper's SDE) or precond (preconditioned)."),
+    sampler: str = typer.Option("precond", help="precond (preconditioned SDE, the best measured) or "
+                                "bellman (the paper's SDE)."),
     init: str = typer.Option("importance", help="importance (resample s/q) or gaussian start."),
     steps: int = typer.Option(100, help="SDE steps."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
@@ -227,7 +228,7 @@ def evaluate(
     samples: Optional[Path] = typer.Option(None, "--samples", help="Samples file; default: sample now."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
-    sampler: str = typer.Option("bellman", help="Sampler when sampling now."),
+    sampler: str = typer.Option("precond", help="Sampler when sampling now: precond or bellman."),
     init: str = typer.Option("importance", help="Start when sampling now."),
     steps: int = typer.Option(100, help="SDE steps when sampling now."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -287,6 +288,180 @@ def evaluate(
         shape = tuple(model.meta.get("item_shape") or [model.dim])
         paths = write_plots(str(plot), model, train, values, shape, law)
         out.print(f"wrote {len(paths)} figures to {plot}/")
+
+
+def _int_list(text, what):
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BdiffError(f"--{what} takes comma-separated numbers, got {text!r}")
+    if not values or min(values) < 1:
+        raise BdiffError(f"--{what} needs positive numbers, got {text!r}")
+    return values
+
+
+def _name_list(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+@app.command()
+@friendly
+def benchmark(
+    ops: str = typer.Option("field_fwd,field_fwd_bwd,sde_step,sde_oracle", help="Comma-separated ops."),
+    sizes: str = typer.Option("1024,4096,16384", help="Comma-separated B = M sizes."),
+    dims: str = typer.Option("2,64", help="Comma-separated dimensions D."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated: naive, torch, triton, keops "
+                                           "(default: all that can run here)."),
+    repeats: int = typer.Option(3, help="Timed repeats after one warm-up; the median is reported."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON here."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the records as CSV here."),
+    compile_check: bool = typer.Option(True, help="Also compile the Triton kernels for sm_80/sm_90 "
+                                       "and report registers, shared memory and spills."),
+):
+    """Time the kernels: each backend across sizes, with throughput, peak memory and the ratio to
+    the naive materialised PyTorch baseline.
+
+    Examples:
+
+      bdiff benchmark
+
+      bdiff benchmark --ops field_fwd --sizes 16384 --dims 2,64 --json bench.json --csv bench.csv
+
+      bdiff benchmark --device cuda --sizes 1024,4096,16384,65536 --dims 2,16,64,784
+    """
+    import torch
+
+    from bdiff.benchmark import resolve_device, run_benchmark
+    for path, ext in ((json_path, ".json"), (csv_path, ".csv")):
+        if path is not None:
+            _check_output(path, (ext,))
+    _threads()
+    device = resolve_device(device)
+    err.print(f"device: {device} ({torch.get_num_threads()} threads)", highlight=False)
+    records, skipped = run_benchmark(_name_list(ops), _int_list(sizes, "sizes"), _int_list(dims, "dims"),
+                                     _name_list(backends) if backends else None, repeats, device,
+                                     on_record=lambda r: err.print(
+                                         f"  {r['op']} {r['backend']} B=M={r['B']} D={r['D']}: "
+                                         f"{r['median_s']:.4g} s", highlight=False))
+    table = Table(title=f"bdiff benchmark ({device})")
+    for column in ("op", "backend", "B=M", "D", "median s", "pairs/s", "peak MB", "vs naive"):
+        table.add_column(column, justify="right" if column not in ("op", "backend") else "left")
+    for r in records:
+        if r.get("median_s") is None:
+            table.add_row(r["op"], r["backend"], str(r["B"]), str(r["D"]), r.get("note", ""), "", "", "")
+            continue
+        ratio = r.get("ratio_vs_naive")
+        table.add_row(r["op"], r["backend"], str(r["B"]), str(r["D"]), f"{r['median_s']:.4g}",
+                      f"{r['pairs_per_s']:.3g}", f"{r['peak_mem_mb']:.1f}",
+                      "" if ratio is None else f"{ratio:.1f}x")
+    out.print(table)
+    for name, why in skipped.items():
+        out.print(f"{name}: {why}", highlight=False)
+    report = {"records": records, "skipped": skipped}
+    if compile_check:
+        report["compile"] = _compile_report()
+    if json_path is not None:
+        from bdiff.data import atomic_path
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(records if not compile_check else records + [
+                {"op": "compile", **c} for c in report["compile"]], indent=1, default=str))
+        out.print(f"wrote {json_path}")
+    if csv_path is not None:
+        import csv
+        from bdiff.data import atomic_path
+        keys = ["op", "backend", "B", "M", "D", "device", "median_s", "pairs_per_s", "peak_mem_mb",
+                "ratio_vs_naive", "gflops", "fraction_of_peak", "note"]
+        with atomic_path(csv_path) as tmp:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(records)
+        out.print(f"wrote {csv_path}")
+
+
+def _compile_report():
+    """Registers, shared memory and spills per Triton kernel configuration (sm_80, sm_90)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        out.print("compile check: Triton is not installed")
+        return []
+    from bdiff.compile_check import compile_all
+    records = compile_all()
+    table = Table(title="Triton kernels compiled ahead of time (no GPU needed)")
+    for column in ("kernel", "sm", "config", "warps", "registers", "shared B", "spill B"):
+        table.add_column(column)
+    for r in records:
+        cfg = r["config"]
+        short = ",".join(f"{k}={v}" for k, v in cfg.items() if k in ("BLOCK_D", "HAS_EXCLUDE", "PRECOND", "USE_DOT"))
+        table.add_row(r["kernel"], str(r["sm"]), short, str(r["num_warps"]), str(r["registers"]),
+                      str(r["shared_bytes"]), str(r["spill_store_bytes"] + r["spill_load_bytes"]))
+    out.print(table)
+    return records
+
+
+@app.command()
+@friendly
+def rl(
+    env: str = typer.Argument(..., help="frozenlake (policy evaluation, W1 to the exact return law) "
+                              "or cartpole (control, average return)."),
+    agent: str = typer.Option("bellman", help="bellman (Bellman Diffusion fields) or c51."),
+    seeds: int = typer.Option(1, help="Seeds 0..N-1."),
+    steps: int = typer.Option(20_000, help="Environment steps per run."),
+    compare: bool = typer.Option(False, "--compare", help="Run both agents over every seed and "
+                                 "write curves, plots and the steps-to-threshold ratio."),
+    eval_every: int = typer.Option(1000, help="Evaluate every N steps."),
+    out_dir: Path = typer.Option(Path("rl-results"), "--out", help="Folder for CSV, PNG and JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON here."),
+):
+    """Distributional RL: Bellman Diffusion return densities against C51.
+
+    Examples:
+
+      bdiff rl frozenlake --agent bellman --steps 10000
+
+      bdiff rl frozenlake --compare --seeds 5 --steps 10000 --json rl.json
+    """
+    import torch
+
+    from bdiff.rl.envs import get_spec
+    from bdiff.rl.runner import AGENTS, compare as compare_agents
+    get_spec(env)
+    if agent not in AGENTS:
+        raise BdiffError(f"unknown agent {agent!r}; choose {', '.join(AGENTS)}")
+    if seeds < 1 or steps < 1 or eval_every < 1:
+        raise BdiffError("--seeds, --steps and --eval-every must be positive")
+    if json_path is not None:
+        _check_output(json_path, (".json",))
+    torch.set_num_threads(1)  # small networks: threads cost more than they give
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise BdiffError(f"cannot create {out_dir}: {error.strerror}")
+
+    def progress(agent_name, seed, step, metric, seconds):
+        err.print(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)",
+                  highlight=False)
+
+    records = compare_agents(env, seeds, steps, str(out_dir), AGENTS if compare else (agent,),
+                             on_eval=progress, eval_every=eval_every)
+    table = Table(title=f"bdiff rl {env}")
+    for column in ("agent", "seed", "steps to threshold", "final metric", "seconds"):
+        table.add_column(column)
+    for r in records:
+        if not r.get("summary"):
+            table.add_row(r["agent"], str(r["seed"]), str(r["steps_to_threshold"]),
+                          f"{r['final_metric']:.4g} ({r['metric']})", f"{r['seconds']:.0f}")
+    out.print(table)
+    summary = records[-1]
+    if "ratio" in summary:
+        out.print(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}", highlight=False)
+    if json_path is not None:
+        from bdiff.data import atomic_path
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(records, indent=1))
+    out.print(f"wrote curves, plots and results to {out_dir}/", highlight=False)
 
 
 def _fmt(value):

@@ -31,7 +31,7 @@ def data_file(tmp_path, mixture_small):
     return path
 
 
-@pytest.mark.parametrize("command", ["fit", "sample", "evaluate"])
+@pytest.mark.parametrize("command", ["fit", "sample", "evaluate", "benchmark"])
 def test_help_has_examples(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Examples" in result.output
@@ -39,7 +39,7 @@ def test_help_has_examples(command):
 
 def test_top_level_help_lists_commands():
     result = invoke("--help")
-    assert all(name in result.output for name in ["fit", "sample", "evaluate"])
+    assert all(name in result.output for name in ["fit", "sample", "evaluate", "benchmark"])
 
 
 def test_fit_sample_evaluate(tmp_path, data_file):
@@ -159,3 +159,28 @@ def test_evaluate_bad_input(tmp_path, tiny_checkpoint):
                          "3 dimensions")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--json",
                                 tmp_path / "no" / "m.json"), "does not exist")
+
+
+def test_benchmark_writes_json_and_csv(tmp_path):
+    result = invoke("benchmark", "--ops", "field_fwd,sde_oracle", "--sizes", "200", "--dims", "2",
+                    "--backends", "naive,torch", "--repeats", "1", "--no-compile-check",
+                    "--json", tmp_path / "b.json", "--csv", tmp_path / "b.csv")
+    assert result.exit_code == 0, result.stderr
+    records = json.loads((tmp_path / "b.json").read_text())
+    assert {(r["op"], r["backend"]) for r in records} == {
+        ("field_fwd", "naive"), ("field_fwd", "torch"), ("sde_oracle", "naive"), ("sde_oracle", "torch")}
+    for r in records:
+        for key in ["op", "backend", "B", "M", "D", "median_s", "pairs_per_s", "peak_mem_mb", "ratio_vs_naive"]:
+            assert key in r
+        assert r["median_s"] > 0 and r["pairs_per_s"] > 0
+    assert (tmp_path / "b.csv").read_text().startswith("op,backend,B,M,D")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "matmul"], "unknown op"), (["--sizes", "ten"], "comma-separated"),
+    (["--sizes", "0"], "positive"), (["--backends", "cuda"], "unknown backend"),
+    (["--device", "cuda"], "cuda"), (["--json", "/nonexistent/b.json"], "does not exist"),
+])
+def test_benchmark_bad_options(args, message):
+    assert_clean_failure(invoke("benchmark", "--no-compile-check", "--sizes", "64", "--dims", "1",
+                                "--repeats", "1", *args), message)

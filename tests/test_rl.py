@@ -1,0 +1,123 @@
+"""Distributional RL: Bellman targets by hand, the C51 projection against a loop, the exact
+FrozenLake return law against Monte Carlo, a short learning run, and the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+
+from bdiff.rl.bellman import bellman_targets, gaussian  # noqa: E402
+from bdiff.rl.c51 import project, project_naive  # noqa: E402
+from bdiff.rl.envs import (SPECS, exact_return_distribution, frozenlake_transitions,  # noqa: E402
+                           make_env, optimal_policy, w1_between_discrete)
+
+
+def test_bellman_targets_by_hand():
+    u = torch.tensor([[0.3, -0.2]])
+    next_s, next_g = torch.tensor([[2.0, 4.0]]), torch.tensor([[1.0, -3.0]])
+    shifts, gamma, eps = torch.tensor([0.1]), 0.5, 0.04
+    s, g = bellman_targets(next_s, next_g, u, shifts, gamma, torch.tensor([False]), eps)
+    # p(u) = (1/γ) p'((u - r)/γ) and ∇p(u) = (1/γ²) ∇p'((u - r)/γ): both fields scale linearly
+    torch.testing.assert_close(s, torch.tensor([[4.0, 8.0]]))
+    torch.testing.assert_close(g, torch.tensor([[4.0, -12.0]]))
+    s, g = bellman_targets(next_s, next_g, u, shifts, gamma, torch.tensor([True]), eps)
+    diff = u - 0.1
+    expected = torch.exp(-diff**2 / (2 * eps)) / np.sqrt(2 * np.pi * eps)
+    torch.testing.assert_close(s, expected)
+    torch.testing.assert_close(g, -diff / eps * expected)
+
+
+def test_linearity_mixture_of_successors():
+    """The target of a mixture of successors is the mixture of their targets (no projection)."""
+    u = torch.linspace(-1, 1, 9)[None]
+    a, b = torch.rand(1, 9), torch.rand(1, 9)
+    args = (u, torch.tensor([0.2]), 0.9, torch.tensor([False]), 0.01)
+    mix, _ = bellman_targets(0.3 * a + 0.7 * b, 0.3 * a + 0.7 * b, *args)
+    torch.testing.assert_close(mix, 0.3 * bellman_targets(a, a, *args)[0] + 0.7 * bellman_targets(b, b, *args)[0])
+
+
+def test_gaussian_integrates_to_one():
+    u = torch.linspace(-1, 1, 20001, dtype=torch.float64)
+    assert float(gaussian(u, 0.01).sum() * (u[1] - u[0])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_c51_projection_matches_loop():
+    atoms = torch.linspace(-1.0, 1.0, 11)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(6, 11, generator=g), 1)
+    # an exact atom hit (0.2 + 0.8·0.0 with γ = 0.8 lands on atoms), values beyond both ends, terminals
+    shifts = torch.tensor([0.2, 0.0, 0.9, -0.9, 0.35, 5.0])
+    terminal = torch.tensor([False, False, False, False, True, True])
+    fast = project(probs, shifts, 0.8, terminal, atoms)
+    torch.testing.assert_close(fast, project_naive(probs, shifts, 0.8, terminal, atoms))
+    torch.testing.assert_close(fast.sum(1), torch.ones(6))
+    assert fast[5, -1] == pytest.approx(1.0)  # terminal value beyond the support clamps to the end
+
+
+def test_exact_frozenlake_law_matches_monte_carlo():
+    spec = SPECS["frozenlake"]
+    P = frozenlake_transitions()
+    policy = optimal_policy(P, spec.gamma, sweeps=500)
+    atoms, probs, zero_mass, error = exact_return_distribution(P, policy, spec.gamma)
+    assert error < 1e-12 and probs[0].sum() + zero_mass[0] == pytest.approx(1.0)
+    env = make_env(spec, seed=0).unwrapped  # no time limit: the exact law has none either
+    rng = np.random.default_rng(0)
+    returns = []
+    for _ in range(3000):
+        state, _ = env.reset(seed=int(rng.integers(2**31)))
+        total, discount = 0.0, 1.0
+        for _ in range(2000):
+            state, reward, done, _, _ = env.step(int(policy[state]))
+            total += discount * reward
+            discount *= spec.gamma
+            if done:
+                break
+        returns.append(total)
+    returns = np.array(returns)
+    grid = np.linspace(-0.1, 1.1, 2401)
+    mc_atoms, mc_counts = np.unique(returns, return_counts=True)
+    w1 = w1_between_discrete(grid, mc_atoms, mc_counts / len(returns),
+                             np.concatenate([atoms, [0.0]]), np.concatenate([probs[0], [zero_mass[0]]]))
+    assert w1 < 0.01  # Monte Carlo error of 3000 episodes is about 0.005
+    assert returns.mean() == pytest.approx((atoms * probs[0]).sum(), abs=0.01)
+
+
+@pytest.mark.parametrize("agent", ["bellman", "c51"])
+def test_short_policy_evaluation_run_learns(agent):
+    from bdiff.rl.runner import RLConfig, train
+    torch.set_num_threads(1)
+    result = train(RLConfig(env="frozenlake", agent=agent, steps=1500, eval_every=500))
+    first, last = result["curve"][0][1], result["curve"][-1][1]
+    assert last < 0.3  # an untrained (flat) model is about 0.45 away from the exact law
+    assert np.isfinite(first)
+
+
+def test_rl_cli_compare(tmp_path):
+    from typer.testing import CliRunner
+
+    from bdiff.cli.main import app
+    out = tmp_path / "rl"
+    result = CliRunner().invoke(app, ["rl", "frozenlake", "--compare", "--seeds", "1", "--steps", "700",
+                                      "--eval-every", "350", "--out", str(out), "--json",
+                                      str(tmp_path / "rl.json")])
+    assert result.exit_code == 0, result.stderr
+    records = json.loads((tmp_path / "rl.json").read_text())
+    runs = [r for r in records if not r.get("summary")]
+    assert {r["agent"] for r in runs} == {"bellman", "c51"}
+    for r in runs:
+        assert {"env", "agent", "seed", "steps_to_threshold", "final_metric", "metric"} <= set(r)
+    assert records[-1]["summary"] and "ratio" in records[-1]
+    for name in ["frozenlake_curves.csv", "frozenlake_curves.png", "frozenlake_densities.png"]:
+        assert (out / name).stat().st_size > 0
+
+
+def test_rl_cli_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from bdiff.cli.main import app
+    for args, message in [(["mountaincar"], "unknown environment"), (["frozenlake", "--agent", "dqn"], "unknown agent"),
+                          (["frozenlake", "--steps", "0"], "positive")]:
+        result = CliRunner().invoke(app, ["rl", *args, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and message in result.stderr
