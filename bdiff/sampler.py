@@ -18,7 +18,7 @@ INITS = ("importance", "gaussian")
 
 @dataclass
 class SampleConfig:
-    sampler: str = "precond"  # best measured (NOTES.md); "bellman" is the paper's SDE
+    sampler: str = "bellman"  # the paper's SDE: best measured with the importance start (NOTES.md)
     init: str = "importance"
     steps: int = 100
     step_frac: float = 0.1    # bellman: largest drift step = step_frac·sqrt(ε)

@@ -38,7 +38,8 @@ def main():
     for _ in range(args.steps):
         trainer.train_step()
     total = time.perf_counter() - start
-    print(f"{args.dataset}: {len(trainer.refs)} references, batch {trainer.cfg.batch_size}, "
+    print(f"{args.dataset}: {min(len(trainer.refs), trainer.cfg.max_refs)} of {len(trainer.refs)} "
+          f"references per step, batch {trainer.cfg.batch_size}, "
           f"{args.steps} steps in {total:.2f} s ({1000 * total / args.steps:.1f} ms/step)")
     print(f"smoothed targets: {1000 * spent['targets'] / args.steps:.1f} ms/step "
           f"({100 * spent['targets'] / total:.0f}% of the step)")

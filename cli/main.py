@@ -77,7 +77,7 @@ def fit(
                                "intervals, mixture, clusters, checkerboard, moons, swissroll, digits."),
     output: Path = typer.Option(DEFAULT_CHECKPOINT, "-o", "--output", help="Checkpoint to write."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
-    steps: int = typer.Option(3000, help="Training steps."),
+    steps: int = typer.Option(5000, help="Training steps."),
     batch_size: int = typer.Option(1024, help="Query points per step."),
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
@@ -177,8 +177,8 @@ def sample_command(
     n: int = typer.Option(10_000, "--n", help="Number of samples."),
     checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
     output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
-    sampler: str = typer.Option("precond", help="precond (preconditioned SDE, the best measured) or "
-                                "bellman (the paper's SDE)."),
+    sampler: str = typer.Option("bellman", help="bellman (the paper's SDE, the best measured) or "
+                                "precond (preconditioned SDE)."),
     init: str = typer.Option("importance", help="importance (resample s/q) or gaussian start."),
     steps: int = typer.Option(100, help="SDE steps."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
@@ -228,7 +228,7 @@ def evaluate(
     samples: Optional[Path] = typer.Option(None, "--samples", help="Samples file; default: sample now."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
-    sampler: str = typer.Option("precond", help="Sampler when sampling now: precond or bellman."),
+    sampler: str = typer.Option("bellman", help="Sampler when sampling now: bellman or precond."),
     init: str = typer.Option("importance", help="Start when sampling now."),
     steps: int = typer.Option(100, help="SDE steps when sampling now."),
     seed: int = typer.Option(0, help="Random seed."),
