@@ -85,7 +85,7 @@ def test_fit_protects_existing_output_and_resumes(tmp_path, data_file):
     assert_clean_failure(invoke("fit", data_file, "-o", ckpt, *FAST_FIT, "--resume"), "already has 20 steps")
     result = invoke("fit", data_file, "-o", ckpt, "--resume", "--steps", "30")
     assert result.exit_code == 0, result.stderr
-    assert "30 steps" in result.output
+    assert "30 steps" in " ".join(result.output.split())
     assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "none.safetensors", "--resume"),
                          "no checkpoint")
 

@@ -12,7 +12,7 @@ from bdiff.model import TrainedModel
 from bdiff.sampler import SampleConfig, sample
 from bdiff.trainer import FitConfig, Trainer
 
-SMALL = dict(steps=700, width=128, depth=3)
+SMALL = dict(steps=1500, width=128, depth=3, batch_size=512)
 
 
 def _fit_and_sample(name, tmp_path, n_train=3000, n_samples=4000):
