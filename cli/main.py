@@ -236,8 +236,10 @@ def evaluate(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG figures into this folder."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
-    """Score a model: sample quality against held-out data (with the ideal reference), held-out
-    log-likelihood, field error and mode weights where the true density is known.
+    """Score a model against held-out data, beside the ideal reference.
+
+    Sample quality (MMD, sliced Wasserstein, energy distance), held-out log-likelihood, and
+    field error and mode weights where the true density is known.
 
     Examples:
 
@@ -319,8 +321,9 @@ def benchmark(
     compile_check: bool = typer.Option(True, help="Also compile the Triton kernels for sm_80/sm_90 "
                                        "and report registers, shared memory and spills."),
 ):
-    """Time the kernels: each backend across sizes, with throughput, peak memory and the ratio to
-    the naive materialised PyTorch baseline.
+    """Time the kernels of every backend across sizes.
+
+    Reports throughput, peak memory and the ratio to the naive materialised PyTorch baseline.
 
     Examples:
 
