@@ -91,7 +91,10 @@ def _draw_2d(ax, panel, model, data, samples, law):
     else:
         gx, gy = gradient[:, 0].reshape(shape), gradient[:, 1].reshape(shape)
         X, Y = np.meshgrid(axes[0], axes[1], indexing="ij")
-        ax.quiver(X, Y, gx, gy, np.hypot(gx, gy), cmap="magma", angles="xy")
+        norm = np.hypot(gx, gy)
+        # arrow length ∝ sqrt(‖g‖) so the small modes stay visible beside the large one
+        length = np.sqrt(norm / max(norm.max(), 1e-30)) / np.maximum(norm, 1e-30)
+        ax.quiver(X, Y, gx * length, gy * length, norm, cmap="magma", angles="xy", scale=30)
         ax.set_title("gradient field ≈ ∇p(x)")
         ax.set_aspect("equal", adjustable="datalim")
 
