@@ -2,9 +2,8 @@
 import functools
 import json
 import os
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console

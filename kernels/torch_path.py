@@ -8,7 +8,6 @@ then does the whole reduction in O(B + M) memory (see NOTES.md for the measured 
 import math
 
 import torch
-import torch.nn.functional as F
 
 # Exclusion masks are materialised one query chunk at a time, within this many bytes.
 MASK_BUDGET_BYTES = 32 * 2**20

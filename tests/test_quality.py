@@ -1,10 +1,8 @@
 """End to end on small data: fit, sample, evaluate, with thresholds a broken method fails
 (a flipped drift, a missing self-exclusion or a wrong normalisation all break one of them)."""
-import math
 
 import numpy as np
 import pytest
-import torch
 
 from bdiff.datasets import BUILTINS
 from bdiff.metrics import evaluate
