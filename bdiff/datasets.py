@@ -94,8 +94,8 @@ class Builtin:
     def load(self, split="train", n=None):
         """The training set (seed 0) or an independent held-out set (seed 1) of n points."""
         rng = np.random.default_rng(TRAIN_SEED if split == "train" else HELDOUT_SEED)
-        if self.sampler is _digits:
-            return _digits(split)
+        if self.sampler in FIXED_SETS:
+            return self.sampler(split)
         draw = self.law.sample if self.law is not None else self.sampler
         return np.asarray(draw(n or DEFAULT_SIZE, rng), dtype=np.float32)
 
@@ -115,14 +115,29 @@ def _swissroll(n, rng):
     return x[:, [0, 2]] / 5
 
 
-def _digits(split):
-    """A fixed 80/20 split of the 1797 images: 1437 to train on, 360 held out."""
-    from sklearn.datasets import load_digits
-    images = load_digits().data.astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(images))
-    cut = int(0.8 * len(images))
-    return images[order[:cut]] if split == "train" else images[order[cut:]]
+def _fixed_split(loader, split):
+    """A fixed 80/20 split (permutation seed 0) of a data set shipped with scikit-learn."""
+    import sklearn.datasets
+    values = getattr(sklearn.datasets, loader)().data.astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(values))
+    cut = int(0.8 * len(values))
+    return values[order[:cut]] if split == "train" else values[order[cut:]]
 
+
+def _digits(split):
+    """1437 training and 360 held-out 8x8 images."""
+    return _fixed_split("load_digits", split)
+
+
+def _wine(split):
+    return _fixed_split("load_wine", split)
+
+
+def _breast_cancer(split):
+    return _fixed_split("load_breast_cancer", split)
+
+
+FIXED_SETS = (_digits, _wine, _breast_cancer)
 
 _CHECKER_CELLS = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0]
 
@@ -147,6 +162,9 @@ BUILTINS = {
         Builtin("moons", "2-D two interleaving half circles (sklearn make_moons)", _moons),
         Builtin("swissroll", "2-D swiss roll (sklearn make_swiss_roll, x and z)", _swissroll),
         Builtin("digits", "64-D sklearn 8x8 digit images, pixel values 0-16 (fixed 80/20 split)", _digits),
+        Builtin("wine", "13-D sklearn wine measurements (fixed 80/20 split of 178 rows)", _wine),
+        Builtin("breast_cancer", "30-D sklearn breast cancer features (fixed 80/20 split of 569 rows)",
+                _breast_cancer),
     ]
 }
 

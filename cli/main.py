@@ -73,7 +73,8 @@ def _threads():
 @friendly
 def fit(
     data: str = typer.Argument(..., help="A .npy/.npz/.csv/.safetensors file, or a built-in: "
-                               "intervals, mixture, clusters, checkerboard, moons, swissroll, digits."),
+                               "intervals, mixture, clusters, checkerboard, moons, swissroll, digits, "
+                               "wine, breast_cancer."),
     output: Path = typer.Option(DEFAULT_CHECKPOINT, "-o", "--output", help="Checkpoint to write."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     steps: int = typer.Option(5000, help="Training steps."),
