@@ -38,6 +38,15 @@ def resolve(backend, device):
     return name
 
 
+def check_device(device):
+    """The device name, or one clear error for an unknown one or a missing GPU."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BdiffError(f"unknown device {device!r}; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
 def field_matching(x, y, eps, exclude=None, backend=None):
     """log ŝ(x) - log(#refs) and the softmax-weighted mean of (y - x)/ε; see kernels/."""
     name = resolve(backend, x.device)

@@ -203,8 +203,3 @@ def _device_peak(device):
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in FP32_PEAK.items() if key in name), None)
 
-
-def resolve_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
-    return device if device.startswith("cuda") else "cpu"

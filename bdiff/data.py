@@ -1,5 +1,6 @@
 """Loading, validating and standardising data sets."""
 import hashlib
+import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -144,10 +145,8 @@ def fingerprint(values):
 
 def save_array(path, values):
     """Write samples to .npy or .csv atomically: a complete temp file, then a rename."""
-    path = str(path)
+    path = check_writable(path, (".npy", ".csv"))
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npy", ".csv"):
-        raise BdiffError(f"cannot write {path}: use a .npy or .csv file name")
     with atomic_path(path) as tmp:
         if ext == ".npy":
             with open(tmp, "wb") as handle:
@@ -157,18 +156,33 @@ def save_array(path, values):
             np.savetxt(tmp, flat, delimiter=",", fmt="%.7g")
 
 
+def check_writable(path, extensions=None):
+    """One clear error unless `path` can be written: an allowed suffix, an existing writable
+    folder, not a directory. Called before long work so it is not lost at the end."""
+    path = os.path.abspath(path)
+    if extensions and os.path.splitext(path)[1].lower() not in extensions:
+        raise BdiffError(f"cannot write {path}: use a {' or '.join(extensions)} file name")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise BdiffError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BdiffError(f"cannot write {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise BdiffError(f"cannot write {path}: it is a directory")
+    return path
+
+
+def save_json(path, value):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            json.dump(value, handle, indent=1, default=str)
+
+
 class atomic_path:
     """Context manager yielding a temp path beside `path`, renamed over it on success only."""
 
     def __init__(self, path):
-        self.path = os.path.abspath(path)
-        folder = os.path.dirname(self.path)
-        if not os.path.isdir(folder):
-            raise BdiffError(f"cannot write {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise BdiffError(f"cannot write {path}: folder {folder} is not writable")
-        if os.path.isdir(self.path):
-            raise BdiffError(f"cannot write {path}: it is a directory")
+        self.path = check_writable(path)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
 
     def __enter__(self):

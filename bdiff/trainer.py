@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from bdiff.backend import check_device
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import Standardizer, fingerprint
 from bdiff.errors import BdiffError
@@ -52,10 +53,7 @@ class FitConfig:
         if self.eps is not None and not (1e-6 <= self.eps <= 100):
             raise BdiffError(f"--eps {self.eps} is outside the sensible range [1e-6, 100] "
                              "(ε is a variance in standardised units; the default is automatic)")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise BdiffError(f"unknown device {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
+        check_device(self.device)
 
     @classmethod
     def from_dict(cls, d):

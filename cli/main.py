@@ -1,6 +1,5 @@
 """`bdiff`: fit, sample, evaluate, benchmark, rl. Parses options, calls the engine, prints."""
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -162,13 +161,9 @@ def _draw_samples(model, n, cfg, device):
 
 
 def _load_model(checkpoint, device):
-    import torch
+    from bdiff.backend import check_device
     from bdiff.model import TrainedModel
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BdiffError("--device cuda asked for, but no CUDA GPU is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise BdiffError(f"unknown device {device!r}")
-    return TrainedModel.load(checkpoint, device)
+    return TrainedModel.load(checkpoint, check_device(device))
 
 
 @app.command("sample")
@@ -209,14 +204,8 @@ def sample_command(
 
 
 def _check_output(path, extensions):
-    path = Path(path)
-    if path.suffix.lower() not in extensions:
-        raise BdiffError(f"cannot write {path}: use a {' or '.join(extensions)} file name")
-    folder = path.absolute().parent
-    if not folder.is_dir():
-        raise BdiffError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise BdiffError(f"cannot write {path}: folder {folder} is not writable")
+    from bdiff.data import check_writable
+    check_writable(path, extensions)
 
 
 @app.command()
@@ -280,9 +269,8 @@ def evaluate(
         table.add_row(name, _fmt(value), "" if ideal is None else _fmt(ideal))
     out.print(table)
     if json_path is not None:
-        from bdiff.data import atomic_path
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(metrics, indent=2))
+        from bdiff.data import save_json
+        save_json(json_path, metrics)
         out.print(f"wrote {json_path}")
     if plot is not None:
         from bdiff.plots import write_plots
@@ -335,12 +323,13 @@ def benchmark(
     """
     import torch
 
-    from bdiff.benchmark import resolve_device, run_benchmark
+    from bdiff.backend import check_device
+    from bdiff.benchmark import run_benchmark
     for path, ext in ((json_path, ".json"), (csv_path, ".csv")):
         if path is not None:
             _check_output(path, (ext,))
     _threads()
-    device = resolve_device(device)
+    device = check_device(device)
     err.print(f"device: {device} ({torch.get_num_threads()} threads)", highlight=False)
     records, skipped = run_benchmark(_name_list(ops), _int_list(sizes, "sizes"), _int_list(dims, "dims"),
                                      _name_list(backends) if backends else None, repeats, device,
@@ -365,10 +354,8 @@ def benchmark(
     if compile_check:
         report["compile"] = _compile_report()
     if json_path is not None:
-        from bdiff.data import atomic_path
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(records if not compile_check else records + [
-                {"op": "compile", **c} for c in report["compile"]], indent=1, default=str))
+        from bdiff.data import save_json
+        save_json(json_path, records + [{"op": "compile", **c} for c in report.get("compile", [])])
         out.print(f"wrote {json_path}")
     if csv_path is not None:
         import csv
@@ -461,9 +448,8 @@ def rl(
     if "ratio" in summary:
         out.print(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}", highlight=False)
     if json_path is not None:
-        from bdiff.data import atomic_path
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(records, indent=1))
+        from bdiff.data import save_json
+        save_json(json_path, records)
     out.print(f"wrote curves, plots and results to {out_dir}/", highlight=False)
 
 

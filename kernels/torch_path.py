@@ -53,7 +53,8 @@ def _exclusion_mask(exclude, rows, num_refs, dtype):
     return mask
 
 
-def _counts(exclude, batch, num_refs, device):
+def reference_counts(exclude, batch, num_refs, device):
+    """References each query averages over: M, or M - 1 where one is excluded."""
     count = torch.full((batch,), float(num_refs), device=device)
     if exclude is not None:
         count -= (exclude >= 0).float()
@@ -78,7 +79,7 @@ def field_matching_torch(x, y, eps, exclude=None):
     lse = lse - (xc * xc).sum(1).detach() / (2 * eps)
     if x.requires_grad:
         lse = _LseWithGrad.apply(lse, mean.detach(), x)
-    return lse - _counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
+    return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
 
 
 def _attention(xc, yc, eps, exclude=None):
@@ -147,7 +148,7 @@ def field_matching_chunked(x, y, eps, exclude=None):
         lses.append(torch.logsumexp(logits, 1))
         means.append((torch.softmax(logits, 1) @ y - xb) / eps)
     lse = torch.cat(lses)
-    return lse - _counts(exclude, batch, y.shape[0], x.device).log(), torch.cat(means)
+    return lse - reference_counts(exclude, batch, y.shape[0], x.device).log(), torch.cat(means)
 
 
 def field_matching_naive(x, y, eps, exclude=None):
@@ -157,7 +158,7 @@ def field_matching_naive(x, y, eps, exclude=None):
         logits = logits + _exclusion_mask(exclude, range(0, x.shape[0]), y.shape[0], x.dtype)
     lse = torch.logsumexp(logits, 1)
     mean = (torch.softmax(logits, 1) @ y - x) / eps
-    return lse - _counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
+    return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
 
 
 def sde_noise(shape, seed, step, offset, device):

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_path import reference_counts
+
 SMALL_D = 8
 # A finite "minus infinity" keeps exp(m_old - m_new) well defined when a whole tile is masked.
 NEG_BIG = tl.constexpr(-1.0e30)
@@ -222,10 +224,7 @@ def field_matching_triton(x, y, eps, exclude=None):
     """Same contract as kernels.torch_path.field_matching_torch; CUDA tensors (or the
     interpreter under TRITON_INTERPRET=1)."""
     lse, mean = _FieldMatching.apply(x, y, eps, exclude)
-    count = torch.full_like(lse, float(y.shape[0]))
-    if exclude is not None:
-        count -= (exclude >= 0).float()
-    return lse - count.log(), mean.to(x.dtype)
+    return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean.to(x.dtype)
 
 
 __all__ = ["field_matching_triton", "field_forward_kernel", "field_backward_kernel",

@@ -4,6 +4,8 @@ Noise for element (particle i, coordinate d) at a step comes from tl.randn(step_
 i·D + d): a counter-based stream, so results do not depend on block size or on how the
 particles are split into batches.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -95,7 +97,7 @@ def oracle_sde_step_triton(x, refs, eps, log_c, s_floor, h, seed, step, offset=0
     assert dim <= SMALL_D, "the fused oracle step covers small D only"
     out = torch.empty_like(x)
     block_d = triton.next_power_of_2(dim)
-    log_norm = log_c + float(torch.tensor(float(refs.shape[0])).log())
+    log_norm = log_c + math.log(refs.shape[0])
     oracle_sde_step_kernel[(triton.cdiv(batch, ORACLE_BLOCKS["BLOCK_B"]),)](
         x, refs, out, batch, refs.shape[0], dim, 1.0 / eps, log_norm, s_floor, h, h**0.5,
         0.0 if delta is None else delta, step_seed(seed, step), offset, x.stride(0),

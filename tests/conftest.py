@@ -15,6 +15,12 @@ torch.set_num_threads(2)
 TINY = dict(steps=60, width=32, depth=2, batch_size=256, checkpoint_every=20)
 
 
+def random_case(batch, refs, dim, seed=0):
+    """Queries and references for kernel tests (odd sizes are the caller's choice)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=g), torch.randn(refs, dim, generator=g)
+
+
 @pytest.fixture(scope="session")
 def mixture_small():
     return BUILTINS["mixture"].load("train", n=1500)

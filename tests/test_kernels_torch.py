@@ -1,6 +1,7 @@
 """The torch field-matching paths and the SDE step against their float64 reference twins."""
 import pytest
 import torch
+from conftest import random_case
 
 from bdiff.kernels import (field_matching_chunked, field_matching_naive, field_matching_reference,
                            field_matching_torch, sde_step_reference, sde_step_torch)
@@ -9,16 +10,13 @@ from bdiff.kernels.torch_path import sde_noise
 FAST_PATHS = [field_matching_torch, field_matching_chunked, field_matching_naive]
 
 
-def _case(batch, refs, dim, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, dim, generator=g), torch.randn(refs, dim, generator=g)
 
 
 @pytest.mark.parametrize("impl", FAST_PATHS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("dim", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("excluded", [False, True])
 def test_field_matching_matches_float64(impl, dim, excluded):
-    x, y = _case(133, 257, dim)
+    x, y = random_case(133, 257, dim)
     eps = 0.5 * dim  # keeps the softmax neither one-hot nor flat at every D
     exclude = torch.randint(-1, 257, (133,), generator=torch.Generator().manual_seed(1)) if excluded else None
     lse, mean = impl(x, y, eps, exclude)
@@ -40,7 +38,7 @@ def test_self_exclusion_drops_exactly_the_own_point(impl):
 
 @pytest.mark.parametrize("eps", [1e-3, 1e3])
 def test_extreme_bandwidths_stay_finite(eps):
-    x, y = _case(61, 97, 3, seed=3)
+    x, y = random_case(61, 97, 3, seed=3)
     lse, mean = field_matching_torch(x, y, eps)
     ref_lse, ref_mean = field_matching_reference(x, y, eps)
     assert torch.isfinite(lse).all() and torch.isfinite(mean).all()
@@ -48,14 +46,14 @@ def test_extreme_bandwidths_stay_finite(eps):
 
 
 def test_chunked_path_gradcheck_float64():
-    x, y = _case(23, 31, 3)
+    x, y = random_case(23, 31, 3)
     x = x.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda q: field_matching_chunked(q, y.double(), 0.7, torch.arange(23)), (x,))
 
 
 @pytest.mark.parametrize("dim", [2, 17])
 def test_fused_path_gradient_matches_reference(dim):
-    x, y = _case(45, 71, dim)
+    x, y = random_case(45, 71, dim)
     weights = torch.randn(45, dim)
 
     def objective(impl, q):
@@ -71,7 +69,7 @@ def test_fused_path_gradient_matches_reference(dim):
 
 @pytest.mark.parametrize("delta", [None, 0.05])
 def test_sde_step_matches_reference(delta):
-    x, g = _case(37, 37, 3)
+    x, g = random_case(37, 37, 3)
     s = torch.linspace(-0.5, 2.0, 37)  # negative s must be clamped to 0
     out = sde_step_torch(x, s, g, 0.01, seed=5, step=2, offset=0, delta=delta)
     noise = sde_noise(x.shape, 5, 2, 0, x.device)

@@ -5,20 +5,19 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import random_case  # noqa: E402
+
 from bdiff.kernels import field_matching_reference, sde_step_reference  # noqa: E402
 from bdiff.kernels.triton_field import field_matching_triton  # noqa: E402
 from bdiff.kernels.triton_sde import oracle_sde_step_triton, sde_step_triton  # noqa: E402
 
 
-def _case(batch, refs, dim, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, dim, generator=g), torch.randn(refs, dim, generator=g)
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("excluded", [False, True])
 def test_field_matching_forward(dim, excluded):
-    x, y = _case(45, 71, dim)  # neither a multiple of the 32-wide blocks
+    x, y = random_case(45, 71, dim)  # neither a multiple of the 32-wide blocks
     exclude = torch.randint(-1, 71, (45,), generator=torch.Generator().manual_seed(2)) if excluded else None
     lse, mean = field_matching_triton(x, y, 0.5 * dim, exclude)
     ref_lse, ref_mean = field_matching_reference(x, y, 0.5 * dim, exclude)
@@ -28,7 +27,7 @@ def test_field_matching_forward(dim, excluded):
 
 @pytest.mark.parametrize("eps", [1e-4, 1e4])
 def test_tiny_and_huge_bandwidth(eps):
-    x, y = _case(37, 53, 3, seed=4)
+    x, y = random_case(37, 53, 3, seed=4)
     lse, mean = field_matching_triton(x, y, eps)
     ref_lse, ref_mean = field_matching_reference(x, y, eps)
     assert torch.isfinite(lse).all() and torch.isfinite(mean).all()
@@ -47,7 +46,7 @@ def test_self_exclusion_with_all_other_points_far():
 
 @pytest.mark.parametrize("dim", [2, 17])
 def test_backward_matches_float64_reference(dim):
-    x, y = _case(39, 50, dim)
+    x, y = random_case(39, 50, dim)
     exclude = torch.arange(39)
     upstream = torch.randn(39, dim, generator=torch.Generator().manual_seed(5))
     x32 = x.clone().requires_grad_()
@@ -76,7 +75,7 @@ def test_sde_noise_is_standard_reproducible_and_split_invariant():
 
 @pytest.mark.parametrize("delta", [None, 0.05])
 def test_sde_step_matches_reference(delta):
-    x, g = _case(301, 301, 3)
+    x, g = random_case(301, 301, 3)
     s = torch.linspace(-1.0, 2.0, 301)
     noise = _noise(301, 3, seed=7, step=3)
     out = sde_step_triton(x, s, g, 0.01, 7, 3, 0, delta)
@@ -86,7 +85,7 @@ def test_sde_step_matches_reference(delta):
 
 @pytest.mark.parametrize("dim", [1, 3])
 def test_fused_oracle_step_matches_reference(dim):
-    x, refs = _case(67, 45, dim)
+    x, refs = random_case(67, 45, dim)
     log_c, h = 0.3, 0.02
     out = oracle_sde_step_triton(x, refs, 0.5, log_c, 0.0, h, 9, 1, 0, 0.1)
     lse, mean = field_matching_reference(x, refs, 0.5)
@@ -98,7 +97,7 @@ def test_fused_oracle_step_matches_reference(dim):
 def test_dispatch_uses_triton_when_asked():
     from bdiff.backend import field_matching, resolve
     assert resolve("triton", "cpu") == "triton"
-    x, y = _case(20, 30, 2)
+    x, y = random_case(20, 30, 2)
     lse, _ = field_matching(x, y, 0.5, None, "triton")
     torch.testing.assert_close(lse.double(), field_matching_reference(x, y, 0.5)[0], rtol=1e-5, atol=1e-5)
 
