@@ -120,8 +120,12 @@ class Standardizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, values):
+    def fit(cls, values, pooled=False):
+        """Per-column mean and std; pooled=True uses one std for all columns (images: pixels
+        share units, and a near-constant border pixel must not be blown up by its tiny std)."""
         std = values.std(0, dtype=np.float64)
+        if pooled:
+            std = np.full_like(std, (values - values.mean(0)).std(dtype=np.float64))
         return cls(values.mean(0, dtype=np.float64), np.where(std > 0, std, 1.0))
 
     def forward(self, values):

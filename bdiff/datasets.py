@@ -115,13 +115,20 @@ def _swissroll(n, rng):
     return x[:, [0, 2]] / 5
 
 
-def _fixed_split(loader, split):
-    """A fixed 80/20 split (permutation seed 0) of a data set shipped with scikit-learn."""
+def _fixed_split(loader, split, labels=False):
+    """A fixed 80/20 split (permutation seed 0) of a data set shipped with scikit-learn;
+    with labels=True, the class labels of the same rows."""
     import sklearn.datasets
-    values = getattr(sklearn.datasets, loader)().data.astype(np.float32)
+    bunch = getattr(sklearn.datasets, loader)()
+    values = bunch.target.astype(np.int64) if labels else bunch.data.astype(np.float32)
     order = np.random.default_rng(0).permutation(len(values))
     cut = int(0.8 * len(values))
     return values[order[:cut]] if split == "train" else values[order[cut:]]
+
+
+def digits_labels(split):
+    """Class labels (0-9) of the digits rows that `load("digits", split)` returns."""
+    return _fixed_split("load_digits", split, labels=True)
 
 
 def _digits(split):

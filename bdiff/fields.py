@@ -1,4 +1,6 @@
 """The two neural fields: s(x) ≈ p_ε(x) (scaled by the global constant) and g(x) ≈ ∇s(x)."""
+import math
+
 import torch
 from torch import nn
 
@@ -12,16 +14,31 @@ def mlp(dim_in, dim_out, width, depth):
     return nn.Sequential(*layers)
 
 
+PARAMS = ("linear", "log")
+LOG_DIM = 8  # param="auto": the log parameterisation above this dimension
+
+
+def resolve_param(param, dim):
+    if param == "auto":
+        return "log" if dim > LOG_DIM else "linear"
+    if param not in PARAMS:
+        raise ValueError(f"unknown field parameterisation {param!r}")
+    return param
+
+
 class FieldModel(nn.Module):
     """Scalar and gradient fields on standardised inputs.
 
     arch="shared": one trunk with 1 + D outputs (half the parameters and time);
     arch="separate": one MLP per field, as in the paper's two networks.
+    param="linear": the outputs are s and g themselves; param="log": they are log s and
+    g/s = ∇log s, so s = exp(·) stays positive and finite where p_ε spans hundreds of nats
+    (D ≳ 10); the fields the sampler sees are still s and g.
     """
 
-    def __init__(self, dim, width=256, depth=3, arch="shared"):
+    def __init__(self, dim, width=256, depth=3, arch="shared", param="linear"):
         super().__init__()
-        self.dim, self.arch = dim, arch
+        self.dim, self.arch, self.param = dim, arch, resolve_param(param, dim)
         if arch == "shared":
             self.net = mlp(dim, 1 + dim, width, depth)
         elif arch == "separate":
@@ -30,14 +47,32 @@ class FieldModel(nn.Module):
         else:
             raise ValueError(f"unknown arch {arch!r}")
 
-    def forward(self, x):
+    def raw(self, x):
+        """The network outputs: (s, g) for param="linear", (log s, ∇log s) for "log"."""
         if self.arch == "shared":
             out = self.net(x)
             return out[:, 0], out[:, 1:]
         return self.scalar_net(x)[:, 0], self.gradient_net(x)
 
+    def forward(self, x):
+        a, b = self.raw(x)
+        if self.param == "log":
+            s = torch.exp(a)
+            return s, s.unsqueeze(1) * b
+        return a, b
+
     @torch.no_grad()
-    def fields_batched(self, x, batch_size=65536):
-        """Evaluate both fields without autograd, in batches to bound memory."""
-        parts = [self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    def fields_batched(self, x, batch_size=65536, log=False):
+        """Both fields without autograd, in batches to bound memory; log=True gives
+        (log s, ∇log s) instead (log s = -inf where a linear s is not positive)."""
+        parts = [(self.log_fields if log else self)(x[i:i + batch_size])
+                 for i in range(0, len(x), batch_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def log_fields(self, x):
+        a, b = self.raw(x)
+        if self.param == "log":
+            return a, b
+        positive = a > 0
+        log_s = torch.where(positive, a.clamp_min(1e-38).log(), torch.full_like(a, -math.inf))
+        return log_s, torch.where(positive.unsqueeze(1), b / a.clamp_min(1e-38).unsqueeze(1), torch.zeros_like(b))

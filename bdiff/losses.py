@@ -4,8 +4,10 @@ import math
 import torch
 
 from bdiff.backend import field_matching
+from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
+EPS_RULES = ("silverman", "scott", "heldout")
 
 
 def bandwidth(n, dim, rule="silverman"):
@@ -17,6 +19,22 @@ def bandwidth(n, dim, rule="silverman"):
     else:
         raise ValueError(f"unknown bandwidth rule {rule!r}")
     return h * h
+
+
+def heldout_bandwidth(refs, generator, holdout=0.2, backend=None):
+    """ε maximising the held-out log-likelihood of p_ε built from the other rows (SPEC §1.2),
+    over a log grid around Silverman's rule; returns ε and the grid's (ε, log-likelihood)."""
+    n, dim = refs.shape
+    order = torch.randperm(n, generator=generator)
+    cut = max(1, int(holdout * n))
+    held, rest = refs[order[:cut]], refs[order[cut:]]
+    base = bandwidth(len(rest), dim)
+    scores = []
+    for eps in (base * 2.0 ** (k / 2) for k in range(-12, 5)):
+        lse, _ = field_matching(held, rest, eps, None, backend)
+        scores.append((eps, float(lse.mean()) - 0.5 * dim * math.log(2 * math.pi * eps)))
+    best = max(scores, key=lambda item: item[1])[0]
+    return best, scores
 
 
 def smoothed_targets(queries, refs, eps, log_c, exclude=None, backend=None):
@@ -33,8 +51,12 @@ def log_normaliser(refs, eps, generator, probe=4096, backend=None):
     return float(lse.median())
 
 
-def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator):
+def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator, spread=False):
     """Queries from μ = data, data + N(0, (k²ε)I) and a broad Gaussian, in proportions `mix`.
+
+    spread=True draws k per query uniformly in [0, perturb_scale]: in high dimension the
+    noise norm concentrates, so one fixed k would leave the shell around the data where the
+    sampler's particles end up (noise of variance ε) without a single query.
 
     Returns the queries and, for each, the reference it was made from (-1: none), which the
     targets exclude: a point's own kernel would teach the fields a spike at every datum.
@@ -42,7 +64,10 @@ def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator):
     n_data, n_pert = int(mix[0] * batch), int(mix[1] * batch)
     n_broad = batch - n_data - n_pert
     source = torch.randint(len(refs), (n_data + n_pert,), generator=generator)
-    noise = torch.randn(n_pert, refs.shape[1], generator=generator) * (perturb_scale * math.sqrt(eps))
+    scale = perturb_scale * math.sqrt(eps)
+    if spread:
+        scale = scale * torch.rand(n_pert, 1, generator=generator)
+    noise = torch.randn(n_pert, refs.shape[1], generator=generator) * scale
     broad = torch.randn(n_broad, refs.shape[1], generator=generator) * broad_std
     queries = torch.cat([refs[source[:n_data]], refs[source[n_data:]] + noise, broad])
     exclude = torch.cat([source, torch.full((n_broad,), -1, dtype=torch.long)])
@@ -72,7 +97,9 @@ def divergence(g, x, generator=None, sliced=False):
 def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
     """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats)."""
     queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,
-                                    cfg.broad_std, generator)
+                                    cfg.broad_std, generator, spread=model.param == "log")
+    if model.param == "log":
+        return _log_domain_loss(model, queries, exclude, refs, eps, log_c, cfg, backend)
     with torch.no_grad():
         s_hat, g_hat = smoothed_targets(queries, refs, eps, log_c, exclude, backend)
     s, g = model(queries)
@@ -88,4 +115,18 @@ def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
         _, g_x = model(x)
         div = divergence(g_x, x, generator, sliced=cfg.grad_loss == "sliced")
         loss_grad = (g_x.pow(2).sum(1) + weight * div).mean()
+    return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
+
+
+def _log_domain_loss(model, queries, exclude, refs, eps, log_c, cfg, backend):
+    """The same fields regressed in the log domain: log s onto log ŝ - log C and ∇log s onto
+    the kernel's weighted mean (y - x)/ε. ε·‖·‖² puts the score in nats per sqrt(ε) step."""
+    if cfg.grad_loss != "direct":
+        raise BdiffError("the log parameterisation trains with the direct gradient loss only")
+    with torch.no_grad():
+        lse, score = field_matching(queries, refs, eps, exclude, backend)
+        log_s_hat = lse - log_c
+    log_s, score_model = model.raw(queries)
+    loss_id = (log_s - log_s_hat).pow(2).mean()
+    loss_grad = eps * (score_model - score).pow(2).sum(1).mean()
     return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())

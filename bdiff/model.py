@@ -28,7 +28,7 @@ class TrainedModel:
         tensors, meta = read_checkpoint(path)
         cfg = meta["config"]
         try:
-            net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"])
+            net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"], cfg.get("param", "linear"))
             net.load_state_dict(split_state(tensors, "ema"))
             standardizer = Standardizer.from_dict(meta["standardizer"])
             eps, log_c = float(meta["eps"]), float(meta["log_c"])
@@ -43,6 +43,10 @@ class TrainedModel:
         """(s, g) at standardised points (torch)."""
         return self.fields_net.fields_batched(x_std)
 
+    def log_fields(self, x_std):
+        """(log s, ∇log s) at standardised points, without underflow for log-domain models."""
+        return self.fields_net.fields_batched(x_std, log=True)
+
     def check_dim(self, values, what):
         if values.shape[1] != self.dim:
             raise BdiffError(f"{what} has {values.shape[1]} dimensions but the model was trained "
@@ -56,10 +60,8 @@ class TrainedModel:
         """
         self.check_dim(values, "the data")
         x = torch.from_numpy(self.standardizer.forward(values)).to(self._device())
-        s, _ = self.fields(x)
-        s = s.double().cpu().numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_s = np.where(s > 0, np.log(np.maximum(s, 1e-300)), -np.inf)
+        log_s, _ = self.fields_net.fields_batched(x, log=True)
+        log_s = log_s.double().cpu().numpy()
         return (log_s + self.log_c - 0.5 * self.dim * math.log(2 * math.pi * self.eps)
                 - np.log(self.standardizer.std).sum())
 

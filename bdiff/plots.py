@@ -99,17 +99,24 @@ def _draw_2d(ax, panel, model, data, samples, law):
         ax.set_aspect("equal", adjustable="datalim")
 
 
-def _image_grids(plt, folder, data, samples, item_shape, count=64):
-    paths = []
-    for name, values in (("data", data), ("samples", samples)):
-        images = values[:count].reshape(-1, *item_shape[-2:]) if len(item_shape) == 2 else \
-            values[:count].reshape(-1, *item_shape)[:, 0]
-        side = int(np.ceil(np.sqrt(len(images))))
-        fig, axes = plt.subplots(side, side, figsize=(side * 0.9, side * 0.9))
-        for ax in np.ravel(axes):
-            ax.axis("off")
-        for ax, image in zip(np.ravel(axes), images):
-            ax.imshow(image, cmap="gray_r")
-        fig.suptitle("training data" if name == "data" else "samples")
-        paths.append(_save(plt, fig, folder, name))
-    return paths
+def _image_grids(plt, folder, data, samples, item_shape):
+    return [plot_image_grid(os.path.join(folder, f"{name}.png"), values, item_shape,
+                            "training data" if name == "data" else "samples")
+            for name, values in (("data", data), ("samples", samples))]
+
+
+def plot_image_grid(path, values, item_shape, title, count=64):
+    """The first `count` rows drawn as images (first channel of C x H x W items)."""
+    plt = _pyplot()
+    images = values[:count].reshape(-1, *item_shape)
+    if len(item_shape) == 3:
+        images = images[:, 0]
+    side = int(np.ceil(np.sqrt(len(images))))
+    fig, axes = plt.subplots(side, side, figsize=(side * 0.9, side * 0.9))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, image in zip(np.ravel(axes), images):
+        ax.imshow(image, cmap="gray_r")
+    fig.suptitle(title)
+    folder, name = os.path.split(path)
+    return _save(plt, fig, folder or ".", os.path.splitext(name)[0])

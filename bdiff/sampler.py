@@ -28,6 +28,7 @@ class SampleConfig:
     proposal_std: float = 1.0  # importance / Gaussian start: N(0, proposal_std² I)
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
+    denoise: bool = False     # end with x + ε ∇log s (Tweedie): removes the N(0, εI) blur of p_ε
     batch_size: int = 10_000
     seed: int = 0
     backend: str = None
@@ -43,6 +44,19 @@ class SampleConfig:
             raise BdiffError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
+def default_sample_config(param, **overrides):
+    """Measured defaults (NOTES.md). Low-D linear fields: the paper's SDE from the importance
+    start. Log-domain fields (high D): s spans hundreds of nats, so importance weights from a
+    broad Gaussian degenerate, a floor relative to it kills every particle, and the paper's SDE
+    stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from the Gaussian works."""
+    if param == "log":
+        base = dict(sampler="precond", init="gaussian", steps=300, floor_rel=0.0, delta_rel=0.0)
+    else:
+        base = {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return SampleConfig(**base)
+
+
 class OracleFields:
     """The exact smoothed fields of SPEC §1.1 against a reference set: a network-free sampler
     whose stationary law is known (data + N(0, εI))."""
@@ -56,26 +70,38 @@ class OracleFields:
         return s, s.unsqueeze(1) * mean
 
 
-def field_scale(fields_fn, dim, cfg, device):
-    """(max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
+def linear_to_log(fields_fn):
+    """(log s, ∇log s) from a function returning (s, g); -inf and 0 where s ≤ 0."""
+    def log_fields(x):
+        s, g = fields_fn(x)
+        positive = s > 0
+        log_s = torch.where(positive, s.clamp_min(1e-38).log(), torch.full_like(s, -math.inf))
+        score = torch.where(positive.unsqueeze(1), g / s.clamp_min(1e-38).unsqueeze(1), torch.zeros_like(g))
+        return log_s, score
+    return log_fields
+
+
+def field_scale(fields_fn, log_fields_fn, dim, cfg, device):
+    """(log of max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
     generator = torch.Generator().manual_seed(cfg.seed + 7_777)
     probe = (torch.randn(8192, dim, generator=generator) * cfg.proposal_std).to(device)
-    s, g = fields_fn(probe)
-    s_max, g_scale = float(s.max()), float(torch.quantile(g.norm(dim=1).float(), 0.99))
-    if not (s_max > 0 and math.isfinite(s_max) and math.isfinite(g_scale)):
+    log_s, _ = log_fields_fn(probe)
+    _, g = fields_fn(probe)
+    log_s_max, g_scale = float(log_s.max()), float(torch.quantile(g.norm(dim=1).float(), 0.99))
+    if not (math.isfinite(log_s_max) and math.isfinite(g_scale)):
         raise BdiffError("the scalar field is not positive anywhere near the data: "
                          "the model is untrained or broken")
-    return s_max, max(g_scale, 1e-12)
+    return log_s_max, max(g_scale, 1e-12)
 
 
-def _initial(fields_fn, n, dim, cfg, s_floor, generator, device):
+def _initial(log_fields_fn, n, dim, cfg, log_floor, generator, device):
     if cfg.init == "gaussian":
         return (torch.randn(n, dim, generator=generator) * cfg.proposal_std).to(device)
     candidates = torch.randn(n * cfg.oversample, dim, generator=generator) * cfg.proposal_std
     candidates = candidates.to(device)
-    s, _ = fields_fn(candidates)
+    log_s, _ = log_fields_fn(candidates)
     log_q = -0.5 * (candidates / cfg.proposal_std).pow(2).sum(1)
-    log_w = torch.where(s > s_floor, s.clamp_min(1e-30).log() - log_q, -math.inf)
+    log_w = torch.where(log_s > log_floor, log_s - log_q, -math.inf)
     if not torch.isfinite(log_w).any():
         raise BdiffError("importance start found no candidate with positive density")
     weights = torch.softmax(log_w.double().cpu(), 0)
@@ -83,10 +109,24 @@ def _initial(fields_fn, n, dim, cfg, s_floor, generator, device):
     return candidates[picks.to(device)]
 
 
-def _advance(fields_fn, x, s_floor, h, seed, step, offset, delta, backend):
+# The preconditioned step in units of δ: r = s/δ is capped here, where its drift and diffusion
+# factors r(r+2)/(r+1)² and r/(r+1) are 1 to float32 precision, so exp never overflows.
+MAX_LOG_RATIO = 30.0
+
+
+def _advance(fields_fn, log_fields_fn, x, log_floor, h, seed, step, offset, log_delta, backend):
+    s_floor = math.exp(log_floor) if log_floor > -700 else 0.0
+    delta = None if log_delta is None else max(math.exp(log_delta), 1e-30)
     if isinstance(fields_fn, OracleFields):  # fields and step in one launch where possible
         return oracle_sde_step(x, fields_fn.refs, fields_fn.eps, fields_fn.log_c, s_floor, h, seed,
                                step, offset, delta, fields_fn.backend)
+    if log_delta is not None and log_fields_fn is not None:
+        # the same step from (log s, ∇log s): exact where s spans hundreds of nats (high D)
+        log_s, score = log_fields_fn(x)
+        alive = log_s > log_floor
+        ratio = torch.exp(torch.where(alive, log_s - log_delta, torch.full_like(log_s, -math.inf))
+                          .clamp_max(MAX_LOG_RATIO))
+        return sde_step(x, ratio, ratio.unsqueeze(1) * score, h, seed, step, offset, 1.0, backend)
     s, g = fields_fn(x)
     # below the floor the density counts as zero, and so does its gradient: a spurious g there
     # divided by a tiny s + δ would throw preconditioned particles far away
@@ -96,24 +136,36 @@ def _advance(fields_fn, x, s_floor, h, seed, step, offset, delta, backend):
     return sde_step(x, s, g, h, seed, step, offset, delta, backend)
 
 
-def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None):
-    """n samples in standardised units and a report (step size, low-density share)."""
+def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_fn=None):
+    """n samples in standardised units and a report (step size, low-density share).
+
+    fields_fn gives (s, g); log_fields_fn, where the model has it, gives (log s, ∇log s)
+    without underflow and is then used for the start, the preconditioned step and denoising.
+    """
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
-    s_max, g_scale = field_scale(fields_fn, dim, cfg, device)
-    s_floor = cfg.floor_rel * s_max
+    exact_log = log_fields_fn is not None
+    log_fields_fn = log_fields_fn or linear_to_log(fields_fn)
+    log_s_max, g_scale = field_scale(fields_fn, log_fields_fn, dim, cfg, device)
+    log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
     if cfg.sampler == "bellman":
-        h, delta = cfg.step_frac * math.sqrt(eps) / g_scale, None
+        h, log_delta = cfg.step_frac * math.sqrt(eps) / g_scale, None
     else:
-        h, delta = cfg.precond_step * eps, cfg.delta_rel * s_max
+        # delta_rel = 0: the δ → 0 limit, Langevin dynamics on ∇log s
+        log_delta = math.log(cfg.delta_rel) + log_s_max if cfg.delta_rel > 0 else -math.inf
+        h = cfg.precond_step * eps
     batches = []
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
         generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
-        x = _initial(fields_fn, count, dim, cfg, s_floor, generator, device)
+        x = _initial(log_fields_fn, count, dim, cfg, log_floor, generator, device)
         for step in range(cfg.steps):
-            x = _advance(fields_fn, x, s_floor, h, cfg.seed, step, start, delta, cfg.backend)
+            x = _advance(fields_fn, log_fields_fn if exact_log else None, x, log_floor, h,
+                         cfg.seed, step, start, log_delta, cfg.backend)
+        if cfg.denoise:
+            log_s, score = log_fields_fn(x)
+            x = x + eps * torch.where((log_s > log_floor).unsqueeze(1), score, torch.zeros_like(score))
         batches.append(x)
         if on_batch is not None:
             on_batch(start + count, n)
@@ -122,7 +174,8 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None):
         bad = int((~torch.isfinite(x).all(1)).sum())
         raise BdiffError(f"{bad} particles left the finite range; try fewer --steps or another "
                          "--sampler")
-    s_end, _ = fields_fn(x)
+    log_s_end, _ = log_fields_fn(x)
     report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": h,
-              "s_max": s_max, "low_density_share": float((s_end <= s_floor).float().mean())}
+              "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
+              "low_density_share": float((log_s_end <= log_floor).float().mean())}
     return x, report

@@ -14,8 +14,8 @@ from bdiff.backend import check_device
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import Standardizer, fingerprint
 from bdiff.errors import BdiffError
-from bdiff.fields import FieldModel
-from bdiff.losses import GRAD_LOSSES, bandwidth, field_loss, log_normaliser
+from bdiff.fields import PARAMS, FieldModel, resolve_param
+from bdiff.losses import EPS_RULES, GRAD_LOSSES, bandwidth, field_loss, heldout_bandwidth, log_normaliser
 
 
 @dataclass
@@ -26,10 +26,11 @@ class FitConfig:
     width: int = 256
     depth: int = 3
     arch: str = "shared"
+    param: str = "auto"          # "linear" (s, g) or "log" (log s, ∇log s); auto: log above 8-D
     grad_loss: str = "direct"
     id_weight: float = 1.0
     eps: float = None            # None: from `eps_rule` on the standardised data
-    eps_rule: str = "silverman"
+    eps_rule: str = "silverman"  # or "scott", or "heldout": best held-out likelihood of p_ε
     query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
     perturb_scale: float = 2.0   # perturbed queries: data + N(0, (perturb_scale² ε) I)
     broad_std: float = 1.5       # broad queries: N(0, broad_std² I), covering the sampler's start
@@ -48,6 +49,10 @@ class FitConfig:
             raise BdiffError(f"--lr must be a positive number, got {self.lr}")
         if self.grad_loss not in GRAD_LOSSES:
             raise BdiffError(f"unknown gradient loss {self.grad_loss!r}; choose {', '.join(GRAD_LOSSES)}")
+        if self.eps_rule not in EPS_RULES:
+            raise BdiffError(f"unknown ε rule {self.eps_rule!r}; choose {', '.join(EPS_RULES)}")
+        if self.param not in ("auto",) + PARAMS:
+            raise BdiffError(f"unknown --param {self.param!r}; choose auto, {', '.join(PARAMS)}")
         if self.arch not in ("shared", "separate"):
             raise BdiffError(f"unknown arch {self.arch!r}; choose shared or separate")
         if self.eps is not None and not (1e-6 <= self.eps <= 100):
@@ -71,20 +76,28 @@ class Trainer:
         self.cfg, self.source = cfg, source
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.item_shape = tuple(item_shape or values.shape[1:])
-        self.standardizer = Standardizer.fit(values)
+        self.standardizer = Standardizer.fit(values, pooled=len(self.item_shape) >= 2)
         self.fingerprint = fingerprint(values)
         self.device = torch.device(cfg.device)
         self.refs = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
         self.dim = self.refs.shape[1]
-        self.eps = cfg.eps if cfg.eps is not None else bandwidth(len(values), self.dim, cfg.eps_rule)
+        cfg.param = resolve_param(cfg.param, self.dim)
         self._build()
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.eps_scores = None
+        if cfg.eps is not None:
+            self.eps = cfg.eps
+        elif cfg.eps_rule == "heldout":
+            self.eps, self.eps_scores = heldout_bandwidth(self.refs, self.generator, backend=cfg.backend)
+        else:
+            self.eps = bandwidth(len(values), self.dim, cfg.eps_rule)
         self.step, self.train_seconds = 0, 0.0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)
-        self.model = FieldModel(self.dim, self.cfg.width, self.cfg.depth, self.cfg.arch).to(self.device)
+        self.model = FieldModel(self.dim, self.cfg.width, self.cfg.depth, self.cfg.arch,
+                                self.cfg.param).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
 
@@ -93,7 +106,7 @@ class Trainer:
                 "standardizer": self.standardizer.to_dict(), "dim": self.dim,
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, "eps_search": self.eps_scores}
 
     def save(self, path):
         save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
@@ -109,6 +122,7 @@ class Trainer:
                                             checkpoint_every=self.cfg.checkpoint_every))
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
         self.train_seconds = meta.get("train_seconds", 0.0)
+        self.eps_scores = meta.get("eps_search")
         try:
             self._build()
             self.model.load_state_dict(split_state(tensors, "model"))

@@ -110,6 +110,7 @@ def test_fit_bad_data(tmp_path, content, message):
     (["--eps", "-1"], "sensible range"), (["--lr", "-0.1"], "--lr"),
     (["--grad-loss", "magic"], "unknown gradient loss"), (["--steps", "0"], "--steps"),
     (["--device", "cuda"], "cuda"), (["--backend", "gpu"], "unknown backend"),
+    (["--eps-rule", "magic"], "unknown ε rule"), (["--param", "cubic"], "unknown --param"),
 ])
 def test_fit_bad_options(tmp_path, data_file, option, message):
     assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT, *option),
@@ -184,3 +185,22 @@ def test_benchmark_writes_json_and_csv(tmp_path):
 def test_benchmark_bad_options(args, message):
     assert_clean_failure(invoke("benchmark", "--no-compile-check", "--sizes", "64", "--dims", "1",
                                 "--repeats", "1", *args), message)
+
+
+def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
+    model = tmp_path / "digits.safetensors"
+    result = invoke("fit", "digits", "-o", model, *FAST_FIT, "--eps-rule", "heldout")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "heldout" in result.stderr and "log fields" in result.stderr
+    images = tmp_path / "images.npy"
+    result = invoke("sample", "-c", model, "--n", "50", "-o", images, "--steps", "20")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert np.load(images).shape == (50, 8, 8)  # image shape restored
+    metrics = tmp_path / "m.json"
+    result = invoke("evaluate", "-c", model, "--n", "300", "--steps", "20", "--json", metrics,
+                    "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(metrics.read_text())
+    for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "loglik"):
+        assert np.isfinite(report[key]), key
+    assert (tmp_path / "plots" / "samples.png").exists()

@@ -54,11 +54,12 @@ def bellman_targets(next_s, next_g, u, shifts, gamma, terminal, eps):
 
 class BellmanAgent:
     def __init__(self, n_features, n_actions, gamma, hidden=128, lr=1e-3, eps=0.05**2,
-                 n_queries=24, grid_points=64, mass_weight=1.0):
+                 n_queries=24, grid_points=64, mass_weight=1.0, normalise_targets=True):
         self.gamma, self.eps, self.n_queries = gamma, eps, n_queries
         self.grid = torch.linspace(-RANGE, RANGE, grid_points)
         self.mass_grid = torch.linspace(-RANGE, RANGE, 48)[None]
         self.mass_weight = mass_weight
+        self.normalise_targets = normalise_targets
         self.net = ReturnFieldNet(n_features, n_actions, hidden)
         self.target = ReturnFieldNet(n_features, n_actions, hidden)
         self.target.load_state_dict(self.net.state_dict())
@@ -86,12 +87,11 @@ class BellmanAgent:
         return self.mean_returns(next_states, self.target).argmax(1)
 
     @torch.no_grad()
-    def _queries(self, next_states, next_actions, shifts, terminal, generator=None):
+    def _queries(self, density, shifts, terminal, generator=None):
         """Half spread over the return range, half near the target's mass: shift + γ·ζ with ζ
         drawn from the target density of (s', a') on the grid (terminal: shift + N(0, ε))."""
         batch, half = len(shifts), self.n_queries // 2
         spread = (torch.rand(batch, half, generator=generator) * 2 - 1) * RANGE
-        density = self._grid_density(self.target, next_states)[torch.arange(batch), :, next_actions]
         weights = density + 1e-6
         picks = torch.multinomial(weights, self.n_queries - half, replacement=True, generator=generator)
         cell = float(self.grid[1] - self.grid[0])
@@ -102,8 +102,9 @@ class BellmanAgent:
 
     def loss(self, batch, next_actions):
         states, actions, shifts, terminal, next_states = batch
-        u = self._queries(next_states, next_actions, shifts, terminal)
         with torch.no_grad():
+            density = self._grid_density(self.target, next_states)[torch.arange(len(shifts)), :, next_actions]
+            u = self._queries(density, shifts, terminal)
             u_next = (u - shifts[:, None]) / self.gamma
             next_s, next_g = self.target(next_states, u_next)
             index = next_actions[:, None, None].expand(-1, u.shape[1], 1)
@@ -112,6 +113,14 @@ class BellmanAgent:
             # extrapolates, and feeding that back makes mass grow at the edges
             inside = u_next.abs() <= RANGE
             next_s, next_g = next_s * inside, next_g * inside
+            if self.normalise_targets:
+                # The operator preserves the mass of an error (it is (1/γ)-expansive pointwise),
+                # so regression noise would pile up as excess mass. Every return law has mass 1:
+                # dividing the target fields by the target density's mass (1-D quadrature) keeps
+                # the iteration on densities, where it contracts (by γ in W1).
+                cell = float(self.grid[1] - self.grid[0])
+                mass = (density.sum(1) * cell).clamp_min(1e-3)[:, None]
+                next_s, next_g = next_s / mass, next_g / mass
             s_target, g_target = bellman_targets(next_s, next_g, u, shifts, self.gamma, terminal, self.eps)
         s, g = self.net(states, torch.cat([u, self.mass_grid.expand(len(u), -1)], 1))
         index = actions[:, None, None].expand(-1, s.shape[1], 1)

@@ -1,0 +1,102 @@
+"""Image metrics for 8x8 digits: a small classifier trained deterministically at first use
+(sklearn's digits, training split only), whose penultimate features give a Fréchet distance
+("digits FD") between samples and held-out images, plus class statistics and a memorisation
+check. Pixels are in data units (0-16)."""
+import functools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+DIGITS_SHAPE = (8, 8)
+PIXEL_MAX = 16.0
+
+
+def is_digits_shape(item_shape):
+    return tuple(item_shape) == DIGITS_SHAPE
+
+
+class DigitsClassifier(nn.Module):
+    def __init__(self, hidden=256, features=64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, features), nn.ReLU())
+        self.head = nn.Linear(features, 10)
+
+    def features(self, pixels):
+        return self.body(pixels / PIXEL_MAX)
+
+    def forward(self, pixels):
+        return self.head(self.features(pixels))
+
+
+@functools.lru_cache(maxsize=1)
+def digits_classifier(epochs=400):
+    """Full-batch Adam from a fixed seed on the 1437 training digits (a few seconds); returns
+    the classifier and its held-out accuracy."""
+    from bdiff.datasets import BUILTINS, digits_labels
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = DigitsClassifier()
+    torch.random.set_rng_state(generator_state)  # leave the caller's random stream untouched
+    x = torch.from_numpy(BUILTINS["digits"].load("train"))
+    labels = torch.from_numpy(digits_labels("train"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        loss = nn.functional.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().requires_grad_(False)
+    heldout = torch.from_numpy(BUILTINS["digits"].load("heldout"))
+    accuracy = float((model(heldout).argmax(1).numpy() == digits_labels("heldout")).mean())
+    return model, accuracy
+
+
+def frechet_distance(a, b):
+    """‖μa - μb‖² + Tr(Σa + Σb - 2 (Σa Σb)^½) between two feature sets (rows).
+
+    Tr (Σa Σb)^½ is the sum of square roots of the eigenvalues of the symmetric Σa^½ Σb Σa^½,
+    which stays real and stable where dead ReLU features make the covariances singular."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def nearest_distance(points, train, chunk=2048):
+    """Euclidean distance from each point to its nearest training row."""
+    train_t = torch.from_numpy(np.asarray(train, np.float32))
+    out = []
+    for start in range(0, len(points), chunk):
+        block = torch.from_numpy(np.asarray(points[start:start + chunk], np.float32))
+        out.append(torch.cdist(block, train_t).min(1).values)
+    return torch.cat(out).numpy()
+
+
+def image_metrics(samples, heldout, train=None):
+    """digits_fd, class statistics, mean confidence and, given the training rows, nn_ratio
+    (median nearest-training distance of samples over that of held-out images: well below 1
+    means memorisation)."""
+    model, accuracy = digits_classifier()
+    with torch.no_grad():
+        sample_t = torch.from_numpy(np.asarray(samples, np.float32))
+        heldout_t = torch.from_numpy(np.asarray(heldout, np.float32))
+        probs = torch.softmax(model(sample_t), 1).numpy()
+        fd = frechet_distance(model.features(sample_t).double().numpy(),
+                              model.features(heldout_t).double().numpy())
+    histogram = np.bincount(probs.argmax(1), minlength=10) / len(probs)
+    nonzero = histogram[histogram > 0]
+    result = {"digits_fd": fd,
+              "class_entropy": float(-(nonzero * np.log(nonzero)).sum()),
+              "class_entropy_max": math.log(10),
+              "classes_present": int((histogram > 0).sum()),
+              "class_histogram": [float(v) for v in histogram],
+              "mean_confidence": float(probs.max(1).mean()),
+              "classifier_heldout_accuracy": accuracy}
+    if train is not None:
+        result["nn_ratio"] = float(np.median(nearest_distance(samples, train))
+                                   / np.median(nearest_distance(heldout, train)))
+    return result
