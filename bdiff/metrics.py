@@ -103,11 +103,13 @@ def field_errors(model, law, reference_values):
 
 def held_out_loglik(model, values):
     """Mean held-out log-likelihood of the normalised scalar field. Points where s is below
-    1e-6 of the largest held-out density are floored there (their share is reported)."""
+    1e-6 of the largest held-out density are floored there (their share is reported);
+    `loglik_unfloored` is the plain mean (-inf where a linear s is not positive)."""
     log_p = model.log_density(values)
     floor = np.max(log_p) + math.log(1e-6)
     return {"loglik": float(np.maximum(log_p, floor).mean()),
-            "loglik_floored_share": float((log_p < floor).mean())}
+            "loglik_floored_share": float((log_p < floor).mean()),
+            "loglik_unfloored": float(log_p.mean())}
 
 
 def split_heldout(values, seed=0):

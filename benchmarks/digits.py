@@ -120,7 +120,7 @@ def main():
         table.add_row(row["method"], f"{row['digits_fd']:.2f}", f"{row['class_entropy']:.3f}",
                       str(row["classes_present"]), f"{row['mean_confidence']:.3f}",
                       f"{row['nn_ratio']:.2f}", loglik, f"{row['fit_s']:.1f}", f"{row['sample_s']:.1f}")
-    Console().print(table)
+    Console(width=150).print(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(rows, handle, indent=1)

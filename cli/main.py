@@ -435,7 +435,7 @@ def rl(
 
       bdiff rl frozenlake --agent bellman --steps 10000
 
-      bdiff rl frozenlake --compare --seeds 5 --steps 10000 --json rl.json
+      bdiff rl frozenlake --compare --seeds 5 --steps 4000 --json rl-results/rl.json
     """
     import torch
 
@@ -446,13 +446,13 @@ def rl(
         raise BdiffError(f"unknown agent {agent!r}; choose {', '.join(AGENTS)}")
     if seeds < 1 or steps < 1 or eval_every < 1:
         raise BdiffError("--seeds, --steps and --eval-every must be positive")
-    if json_path is not None:
-        _check_output(json_path, (".json",))
-    torch.set_num_threads(1)  # small networks: threads cost more than they give
-    try:
+    try:  # first, so that --json may point into --out
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
         raise BdiffError(f"cannot create {out_dir}: {error.strerror}")
+    if json_path is not None:
+        _check_output(json_path, (".json",))
+    torch.set_num_threads(1)  # small networks: threads cost more than they give
 
     def progress(agent_name, seed, step, metric, seconds):
         err.print(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)",
@@ -470,7 +470,10 @@ def rl(
     out.print(table)
     summary = records[-1]
     if "ratio" in summary:
-        out.print(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}", highlight=False)
+        bound = " (a bound: some runs never reached the threshold and count as budget + 1)" \
+            if summary["ratio_is_bound"] else ""
+        out.print(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}{bound}",
+                  highlight=False)
     if json_path is not None:
         from bdiff.data import save_json
         save_json(json_path, records)

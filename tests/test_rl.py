@@ -121,3 +121,14 @@ def test_rl_cli_bad_input(tmp_path):
                           (["frozenlake", "--steps", "0"], "positive")]:
         result = CliRunner().invoke(app, ["rl", *args, "--out", str(tmp_path)])
         assert result.exit_code == 2 and message in result.stderr
+
+
+def test_summary_counts_missed_runs_as_the_budget():
+    from bdiff.rl.runner import summary
+    rows = [{"agent": "bellman", "steps_to_threshold": None, "final_metric": 0.2, "budget": 4000}] * 3
+    rows += [{"agent": "c51", "steps_to_threshold": s, "final_metric": 0.02, "budget": 4000}
+             for s in (1500, 2000, 2500)]
+    out = summary("frozenlake", rows)
+    assert out["bellman_median_steps"] == 4001 and out["bellman_reached"] == 0
+    assert out["c51_median_steps"] == 2000
+    assert out["ratio"] == pytest.approx(2000 / 4001) and out["ratio_is_bound"]

@@ -34,9 +34,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["wine", "breast_cancer"])
     parser.add_argument("--steps", type=int, default=FitConfig.steps)
+    parser.add_argument("--eps-rule", default="heldout", help="silverman, scott or heldout")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results", "tabular.json"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     records = []
     for name in args.datasets:
         train, heldout = load_data(name).values, load_data(name, split="heldout").values
@@ -45,13 +47,16 @@ def main():
         kde_s = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "m.safetensors")
-            trainer = Trainer(train, FitConfig(steps=args.steps), name)
+            trainer = Trainer(train, FitConfig(steps=args.steps, eps_rule=args.eps_rule), name)
             fit_s = trainer.run(path)
             model = TrainedModel.load(path)
         ours = held_out_loglik(model, heldout)
         record = {"dataset": name, "dim": train.shape[1], "n_train": len(train), "n_heldout": len(heldout),
                   "bdiff_loglik": ours["loglik"], "bdiff_floored_share": ours["loglik_floored_share"],
-                  "bdiff_eps": model.eps, "bdiff_fit_s": fit_s, "kde_loglik": kde,
+                  "bdiff_loglik_unfloored": ours["loglik_unfloored"],
+                  "bdiff_eps": model.eps, "bdiff_eps_rule": args.eps_rule,
+                  "bdiff_fields": model.fields_net.param, "bdiff_steps": args.steps,
+                  "bdiff_fit_s": fit_s, "kde_loglik": kde,
                   "kde_bandwidth_std_units": bandwidth, "kde_fit_s": kde_s}
         records.append(record)
         print(json.dumps(record), flush=True)
