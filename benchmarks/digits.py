@@ -81,8 +81,8 @@ def main():
         metrics = image_metrics(samples, heldout, train)
         rows.append({"method": method, **metrics, "heldout_loglik": loglik, "fit_s": fit_s,
                      "sample_s": sample_s, **extra})
-        plot_image_grid(os.path.join(RESULTS, f"digits_{method.split()[0].lower()}.png"), samples, (8, 8),
-                        title=method)
+        slug = "".join(c for c in method.split(" (")[0].lower().replace(" ", "_") if c.isalnum() or c == "_")
+        plot_image_grid(os.path.join(RESULTS, f"digits_{slug}.png"), samples, (8, 8), title=method)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "class_histogram"}), flush=True)
 
     pick = np.random.default_rng(0).permutation(len(train))[:len(heldout)]
