@@ -18,6 +18,14 @@ PARAMS = ("linear", "log")
 LOG_DIM = 8  # param="auto": the log parameterisation above this dimension
 
 
+def log_view(s, g):
+    """(log s, ∇log s = g/s) of linear fields; -inf and 0 where s is not positive."""
+    positive = s > 0
+    log_s = torch.where(positive, s.clamp_min(1e-38).log(), torch.full_like(s, -math.inf))
+    score = torch.where(positive.unsqueeze(1), g / s.clamp_min(1e-38).unsqueeze(1), torch.zeros_like(g))
+    return log_s, score
+
+
 def resolve_param(param, dim):
     if param == "auto":
         return "log" if dim > LOG_DIM else "linear"
@@ -71,8 +79,4 @@ class FieldModel(nn.Module):
 
     def log_fields(self, x):
         a, b = self.raw(x)
-        if self.param == "log":
-            return a, b
-        positive = a > 0
-        log_s = torch.where(positive, a.clamp_min(1e-38).log(), torch.full_like(a, -math.inf))
-        return log_s, torch.where(positive.unsqueeze(1), b / a.clamp_min(1e-38).unsqueeze(1), torch.zeros_like(b))
+        return (a, b) if self.param == "log" else log_view(a, b)

@@ -11,6 +11,7 @@ import torch
 
 from bdiff.backend import field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
+from bdiff.fields import log_view
 
 SAMPLERS = ("bellman", "precond")
 INITS = ("importance", "gaussian")
@@ -71,14 +72,8 @@ class OracleFields:
 
 
 def linear_to_log(fields_fn):
-    """(log s, ∇log s) from a function returning (s, g); -inf and 0 where s ≤ 0."""
-    def log_fields(x):
-        s, g = fields_fn(x)
-        positive = s > 0
-        log_s = torch.where(positive, s.clamp_min(1e-38).log(), torch.full_like(s, -math.inf))
-        score = torch.where(positive.unsqueeze(1), g / s.clamp_min(1e-38).unsqueeze(1), torch.zeros_like(g))
-        return log_s, score
-    return log_fields
+    """(log s, ∇log s) from a function returning (s, g)."""
+    return lambda x: log_view(*fields_fn(x))
 
 
 def field_scale(fields_fn, log_fields_fn, dim, cfg, device):

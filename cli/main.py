@@ -275,11 +275,12 @@ def evaluate(
     law = builtin.law if builtin is not None else None
     metrics = evaluate_model(model, heldout, values, law=law, seed=seed)
     shape = tuple(model.meta.get("item_shape") or [model.dim])
+    train = load_data(data, key=key, split="train").values if builtin is not None else None
     if is_digits_shape(shape):
         # the memorisation check needs the training rows: the built-in's, or the trained-on file
-        source = data if builtin is not None else str(model.meta.get("source"))
-        usable = source in BUILTINS or os.path.exists(source)
-        train = load_data(source, key=key, split="train").values if usable else None
+        source = str(model.meta.get("source"))
+        if train is None and (source in BUILTINS or os.path.exists(source)):
+            train = load_data(source, key=key).values
         metrics.update(image_metrics(values, heldout, train))
     if report:
         metrics["low_density_share"] = report["low_density_share"]
@@ -299,8 +300,7 @@ def evaluate(
         out.print(f"wrote {json_path}")
     if plot is not None:
         from bdiff.plots import write_plots
-        train = load_data(data, key=key, split="train").values if builtin is not None else heldout
-        paths = write_plots(str(plot), model, train, values, shape, law)
+        paths = write_plots(str(plot), model, train if builtin is not None else heldout, values, shape, law)
         out.print(f"wrote {len(paths)} figures to {plot}/")
 
 

@@ -57,6 +57,7 @@ class BellmanAgent:
                  n_queries=24, grid_points=64, mass_weight=1.0, normalise_targets=True):
         self.gamma, self.eps, self.n_queries = gamma, eps, n_queries
         self.grid = torch.linspace(-RANGE, RANGE, grid_points)
+        self.cell = float(self.grid[1] - self.grid[0])
         self.mass_grid = torch.linspace(-RANGE, RANGE, 48)[None]
         self.mass_weight = mass_weight
         self.normalise_targets = normalise_targets
@@ -94,8 +95,7 @@ class BellmanAgent:
         spread = (torch.rand(batch, half, generator=generator) * 2 - 1) * RANGE
         weights = density + 1e-6
         picks = torch.multinomial(weights, self.n_queries - half, replacement=True, generator=generator)
-        cell = float(self.grid[1] - self.grid[0])
-        zeta = self.grid[picks] + (torch.rand(picks.shape, generator=generator) - 0.5) * cell
+        zeta = self.grid[picks] + (torch.rand(picks.shape, generator=generator) - 0.5) * self.cell
         jitter = torch.randn(batch, self.n_queries - half, generator=generator) * math.sqrt(self.eps)
         near = torch.where(terminal[:, None], shifts[:, None] + jitter, shifts[:, None] + self.gamma * zeta)
         return torch.cat([spread, near], 1)
@@ -118,8 +118,7 @@ class BellmanAgent:
                 # so regression noise would pile up as excess mass. Every return law has mass 1:
                 # dividing the target fields by the target density's mass (1-D quadrature) keeps
                 # the iteration on densities, where it contracts (by γ in W1).
-                cell = float(self.grid[1] - self.grid[0])
-                mass = (density.sum(1) * cell).clamp_min(1e-3)[:, None]
+                mass = (density.sum(1) * self.cell).clamp_min(1e-3)[:, None]
                 next_s, next_g = next_s / mass, next_g / mass
             s_target, g_target = bellman_targets(next_s, next_g, u, shifts, self.gamma, terminal, self.eps)
         s, g = self.net(states, torch.cat([u, self.mass_grid.expand(len(u), -1)], 1))
