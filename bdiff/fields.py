@@ -16,6 +16,15 @@ def mlp(dim_in, dim_out, width, depth):
 
 PARAMS = ("linear", "log")
 LOG_DIM = 8  # param="auto": the log parameterisation above this dimension
+LEVEL_FEATURES = 16  # sinusoidal features of the noise level fed to level-conditioned fields
+
+
+def level_features(eps, levels):
+    """Sin/cos features of u = log(ε/ε_min) / log(ε_max/ε_min) ∈ [0, 1], per row."""
+    eps_min, eps_max = levels
+    u = torch.log(eps / eps_min) / math.log(eps_max / eps_min)
+    k = math.pi * torch.arange(1, LEVEL_FEATURES // 2 + 1, dtype=u.dtype, device=u.device)
+    return torch.cat([torch.sin(u[:, None] * k), torch.cos(u[:, None] * k)], 1)
 
 
 def log_view(s, g):
@@ -42,41 +51,59 @@ class FieldModel(nn.Module):
     param="linear": the outputs are s and g themselves; param="log": they are log s and
     g/s = ∇log s, so s = exp(·) stays positive and finite where p_ε spans hundreds of nats
     (D ≳ 10); the fields the sampler sees are still s and g.
+
+    levels=(ε_min, ε_max): the fields of every p_ε with ε in that range, ε fed as features
+    (log fields only). Each is still linear in p_ε; the model's own fields are those at ε_min,
+    the others let the annealed sampler travel from a broad p_ε down to it. The score output
+    is scaled by 1/sqrt(ε), the size of ∇log p_ε, so the network sees O(1) targets.
     """
 
-    def __init__(self, dim, width=256, depth=3, arch="shared", param="linear"):
+    def __init__(self, dim, width=256, depth=3, arch="shared", param="linear", levels=None):
         super().__init__()
         self.dim, self.arch, self.param = dim, arch, resolve_param(param, dim)
+        self.levels = None if levels is None else (float(levels[0]), float(levels[1]))
+        if self.levels is not None and (self.param != "log" or not 0 < self.levels[0] < self.levels[1]):
+            raise ValueError(f"levels need log fields and 0 < ε_min < ε_max, got {levels}")
+        size_in = dim + (LEVEL_FEATURES if self.levels else 0)
         if arch == "shared":
-            self.net = mlp(dim, 1 + dim, width, depth)
+            self.net = mlp(size_in, 1 + dim, width, depth)
         elif arch == "separate":
-            self.scalar_net = mlp(dim, 1, width, depth)
-            self.gradient_net = mlp(dim, dim, width, depth)
+            self.scalar_net = mlp(size_in, 1, width, depth)
+            self.gradient_net = mlp(size_in, dim, width, depth)
         else:
             raise ValueError(f"unknown arch {arch!r}")
 
-    def raw(self, x):
-        """The network outputs: (s, g) for param="linear", (log s, ∇log s) for "log"."""
+    def raw(self, x, eps=None):
+        """The network outputs: (s, g) for param="linear", (log s, ∇log s) for "log"; for a
+        level-conditioned model at ε (a number or one per row; None: ε_min)."""
+        if self.levels is not None:
+            eps = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
+            eps = eps.expand(x.shape[0])
+            x = torch.cat([x, level_features(eps, self.levels)], 1)
         if self.arch == "shared":
             out = self.net(x)
-            return out[:, 0], out[:, 1:]
-        return self.scalar_net(x)[:, 0], self.gradient_net(x)
+            a, b = out[:, 0], out[:, 1:]
+        else:
+            a, b = self.scalar_net(x)[:, 0], self.gradient_net(x)
+        if self.levels is not None:
+            b = b / eps.sqrt().unsqueeze(1)
+        return a, b
 
-    def forward(self, x):
-        a, b = self.raw(x)
+    def forward(self, x, eps=None):
+        a, b = self.raw(x, eps)
         if self.param == "log":
             s = torch.exp(a)
             return s, s.unsqueeze(1) * b
         return a, b
 
     @torch.no_grad()
-    def fields_batched(self, x, batch_size=65536, log=False):
+    def fields_batched(self, x, batch_size=65536, log=False, eps=None):
         """Both fields without autograd, in batches to bound memory; log=True gives
         (log s, ∇log s) instead (log s = -inf where a linear s is not positive)."""
-        parts = [(self.log_fields if log else self)(x[i:i + batch_size])
+        parts = [(self.log_fields if log else self)(x[i:i + batch_size], eps)
                  for i in range(0, len(x), batch_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def log_fields(self, x):
-        a, b = self.raw(x)
+    def log_fields(self, x, eps=None):
+        a, b = self.raw(x, eps)
         return (a, b) if self.param == "log" else log_view(a, b)

@@ -7,7 +7,8 @@ from bdiff.backend import field_matching
 from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
-EPS_RULES = ("silverman", "scott", "heldout")
+EPS_RULES = ("auto", "silverman", "scott", "heldout")  # auto: heldout for log fields
+LEVEL_GROUPS = 8  # noise levels per batch for level-conditioned fields, stratified in log ε
 
 
 def bandwidth(n, dim, rule="silverman"):
@@ -35,6 +36,23 @@ def heldout_bandwidth(refs, generator, holdout=0.2, backend=None):
         scores.append((eps, float(lse.mean()) - 0.5 * dim * math.log(2 * math.pi * eps)))
     best = max(scores, key=lambda item: item[1])[0]
     return best, scores
+
+
+def noise_levels(refs, eps, param, eps_max=None):
+    """(ε_min, ε_max) of level-conditioned fields, or None for fields at ε alone.
+
+    eps_max None: automatic, levels for log fields only, up to twice the data's total
+    variance (the mean squared distance between two rows), where p_ε's bumps overlap into
+    one broad Gaussian the sampler can start from. 0: no levels."""
+    if eps_max == 0 or (eps_max is None and param != "log"):
+        return None
+    if param != "log":
+        raise BdiffError("noise levels (--eps-max) need log fields (--param log)")
+    if eps_max is None:
+        eps_max = 2 * float(refs.var(0).sum())
+    if not eps_max > 2 * eps:
+        raise BdiffError(f"--eps-max {eps_max:.4g} must exceed twice ε = {eps:.4g} (0 turns levels off)")
+    return eps, eps_max
 
 
 def smoothed_targets(queries, refs, eps, log_c, exclude=None, backend=None):
@@ -96,10 +114,10 @@ def divergence(g, x, generator=None, sliced=False):
 
 def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
     """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats)."""
-    queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,
-                                    cfg.broad_std, generator, spread=model.param == "log")
     if model.param == "log":
-        return _log_domain_loss(model, queries, exclude, refs, eps, log_c, cfg, backend)
+        return _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend)
+    queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,
+                                    cfg.broad_std, generator)
     with torch.no_grad():
         s_hat, g_hat = smoothed_targets(queries, refs, eps, log_c, exclude, backend)
     s, g = model(queries)
@@ -118,15 +136,38 @@ def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
     return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
 
 
-def _log_domain_loss(model, queries, exclude, refs, eps, log_c, cfg, backend):
+def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
     """The same fields regressed in the log domain: log s onto log ŝ - log C and ∇log s onto
-    the kernel's weighted mean (y - x)/ε. ε·‖·‖² puts the score in nats per sqrt(ε) step."""
+    the kernel's weighted mean (y - x)/ε. ε·‖·‖² puts the score in nats per sqrt(ε) step.
+    Level-conditioned fields take the batch in groups, one noise level each."""
     if cfg.grad_loss != "direct":
         raise BdiffError("the log parameterisation trains with the direct gradient loss only")
-    with torch.no_grad():
-        lse, score = field_matching(queries, refs, eps, exclude, backend)
-        log_s_hat = lse - log_c
-    log_s, score_model = model.raw(queries)
+    if model.levels is None:
+        levels = [eps]
+    else:
+        eps_min, eps_max = model.levels
+        groups = max(1, min(LEVEL_GROUPS, cfg.batch_size // 16))
+        u = (torch.arange(groups) + torch.rand(groups, generator=generator)) / groups
+        levels = (eps_min * (eps_max / eps_min) ** u).tolist()
+    queries, level_eps, log_s_hat, score = [], [], [], []
+    for k, level in enumerate(levels):
+        size = cfg.batch_size // len(levels) + (k < cfg.batch_size % len(levels))
+        if model.levels is None:
+            q, exclude = draw_queries(refs, size, level, cfg.query_mix, cfg.perturb_scale,
+                                      cfg.broad_std, generator, spread=True)
+        else:
+            # mostly p_ε itself, the law the annealed sampler's particles follow at this level
+            n_data = size // 4
+            q, exclude = smoothed_data_queries(refs, size, level, generator)
+            q[:n_data] = refs[exclude[:n_data]]
+        with torch.no_grad():
+            lse, mean = field_matching(q, refs, level, exclude, backend)
+        queries.append(q)
+        level_eps.append(torch.full((size,), level, dtype=q.dtype, device=q.device))
+        log_s_hat.append(lse - log_c)
+        score.append(mean)
+    queries, level_eps, log_s_hat, score = map(torch.cat, (queries, level_eps, log_s_hat, score))
+    log_s, score_model = model.raw(queries, level_eps if model.levels else None)
     loss_id = (log_s - log_s_hat).pow(2).mean()
-    loss_grad = eps * (score_model - score).pow(2).sum(1).mean()
+    loss_grad = (level_eps * (score_model - score).pow(2).sum(1)).mean()
     return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())

@@ -9,6 +9,7 @@ from bdiff.checkpoint import read_checkpoint, split_state
 from bdiff.data import Standardizer
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
+from bdiff.sampler import default_sample_config, sample
 
 
 @dataclass
@@ -28,7 +29,8 @@ class TrainedModel:
         tensors, meta = read_checkpoint(path)
         cfg = meta["config"]
         try:
-            net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"], cfg.get("param", "linear"))
+            net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"], cfg.get("param", "linear"),
+                             meta.get("levels"))
             net.load_state_dict(split_state(tensors, "ema"))
             standardizer = Standardizer.from_dict(meta["standardizer"])
             eps, log_c = float(meta["eps"]), float(meta["log_c"])
@@ -43,9 +45,25 @@ class TrainedModel:
         """(s, g) at standardised points (torch)."""
         return self.fields_net.fields_batched(x_std)
 
-    def log_fields(self, x_std):
-        """(log s, ∇log s) at standardised points, without underflow for log-domain models."""
-        return self.fields_net.fields_batched(x_std, log=True)
+    @property
+    def levels(self):
+        """(ε_min, ε_max) of a level-conditioned model, else None."""
+        return self.fields_net.levels
+
+    def log_fields(self, x_std, eps=None):
+        """(log s, ∇log s) at standardised points, without underflow for log-domain models;
+        at noise level ε for a level-conditioned model (None: the model's own ε)."""
+        return self.fields_net.fields_batched(x_std, log=True, eps=eps)
+
+    def sample_config(self, **overrides):
+        """The measured sampler defaults for this kind of model, overridden where not None."""
+        return default_sample_config(self.fields_net.param, self.levels is not None, **overrides)
+
+    def sample(self, n, cfg, on_batch=None):
+        """n samples in standardised units and the sampler's report."""
+        log_fields = self.log_fields if self.fields_net.param == "log" else None
+        return sample(self.fields, self.dim, self.eps, n, cfg, self._device(), on_batch,
+                      log_fields_fn=log_fields, levels=self.levels)
 
     def check_dim(self, values, what):
         if values.shape[1] != self.dim:

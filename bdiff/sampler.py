@@ -3,6 +3,9 @@
 Particles start from the standardised data's Gaussian or from importance resampling of a
 broad proposal with weights s/q (possible because s is a density, not a score), then
 take Euler-Maruyama steps whose size follows the field scale (SPEC §1.3).
+
+Level-conditioned models (fields of p_ε for ε from ε_max down to the model's ε) can also be
+sampled by annealing: start from the broad p_εmax and follow p_ε down the ladder of levels.
 """
 import math
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from bdiff.backend import field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
 from bdiff.fields import log_view
 
-SAMPLERS = ("bellman", "precond")
+SAMPLERS = ("bellman", "precond", "anneal")
 INITS = ("importance", "gaussian")
 
 
@@ -43,18 +46,27 @@ class SampleConfig:
             raise BdiffError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1:
             raise BdiffError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.sampler == "anneal" and self.init != "gaussian":
+            raise BdiffError("the anneal sampler starts from its broadest level's Gaussian; "
+                             "--init importance does not apply to it")
 
 
-def default_sample_config(param, **overrides):
+def default_sample_config(param, leveled=False, **overrides):
     """Measured defaults (NOTES.md). Low-D linear fields: the paper's SDE from the importance
     start. Log-domain fields (high D): s spans hundreds of nats, so importance weights from a
     broad Gaussian degenerate, a floor relative to it kills every particle, and the paper's SDE
-    stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from the Gaussian works."""
-    if param == "log":
+    stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from the Gaussian works,
+    and annealing through noise levels, where the model has them, works far better (digits
+    FD 5.8 against 42-89): local dynamics at one small ε weigh each bump of p_ε by its basin."""
+    if leveled:
+        base = dict(sampler="anneal", init="gaussian", steps=200, floor_rel=0.0, delta_rel=0.0)
+    elif param == "log":
         base = dict(sampler="precond", init="gaussian", steps=300, floor_rel=0.0, delta_rel=0.0)
     else:
         base = {}
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if base.get("sampler") == "anneal" and overrides.get("init") is None:
+        base["init"] = "gaussian"  # the only start annealing has
     return SampleConfig(**base)
 
 
@@ -69,6 +81,11 @@ class OracleFields:
         lse, mean = field_matching(x, self.refs, self.eps, None, self.backend)
         s = torch.exp(lse - self.log_c)
         return s, s.unsqueeze(1) * mean
+
+    def log_fields(self, x, eps=None):
+        """(log s, ∇log s) of p_ε, at the oracle's own ε or any other (the annealed sampler)."""
+        lse, mean = field_matching(x, self.refs, self.eps if eps is None else eps, None, self.backend)
+        return lse - self.log_c, mean
 
 
 def linear_to_log(fields_fn):
@@ -89,7 +106,10 @@ def field_scale(fields_fn, log_fields_fn, dim, cfg, device):
     return log_s_max, max(g_scale, 1e-12)
 
 
-def _initial(log_fields_fn, n, dim, cfg, log_floor, generator, device):
+def _initial(log_fields_fn, n, dim, cfg, log_floor, generator, device, levels=None):
+    if cfg.sampler == "anneal":  # p_εmax ≈ the data's Gaussian widened by ε_max
+        std = math.sqrt(cfg.proposal_std ** 2 + levels[1])
+        return (torch.randn(n, dim, generator=generator) * std).to(device)
     if cfg.init == "gaussian":
         return (torch.randn(n, dim, generator=generator) * cfg.proposal_std).to(device)
     candidates = torch.randn(n * cfg.oversample, dim, generator=generator) * cfg.proposal_std
@@ -112,7 +132,8 @@ MAX_LOG_RATIO = 30.0
 def _advance(fields_fn, log_fields_fn, x, log_floor, h, seed, step, offset, log_delta, backend):
     s_floor = math.exp(log_floor) if log_floor > -700 else 0.0
     delta = None if log_delta is None else max(math.exp(log_delta), 1e-30)
-    if isinstance(fields_fn, OracleFields):  # fields and step in one launch where possible
+    langevin_limit = log_delta is not None and log_delta < -700  # δ underflows: use log fields
+    if isinstance(fields_fn, OracleFields) and not langevin_limit:  # one launch where possible
         return oracle_sde_step(x, fields_fn.refs, fields_fn.eps, fields_fn.log_c, s_floor, h, seed,
                                step, offset, delta, fields_fn.backend)
     if log_delta is not None and log_fields_fn is not None:
@@ -131,12 +152,30 @@ def _advance(fields_fn, log_fields_fn, x, log_floor, h, seed, step, offset, log_
     return sde_step(x, s, g, h, seed, step, offset, delta, backend)
 
 
-def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_fn=None):
+def anneal(log_fields_fn, x, levels, cfg, offset):
+    """Down a geometric ladder of cfg.steps levels from ε_max to ε_min, each step the
+    reverse-time move from p_hi to p_lo = p_hi deconvolved by N(0, (hi - lo) I):
+    x += (hi - lo) ∇log p_hi(x) + sqrt(hi - lo) ξ, which is the plain Bellman step with s ≡ 1."""
+    ladder = torch.logspace(math.log10(levels[1]), math.log10(levels[0]), cfg.steps + 1,
+                            dtype=torch.float64).tolist()
+    unit = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
+        _, score = log_fields_fn(x, hi)
+        x = sde_step(x, unit, score, hi - lo, cfg.seed, step, offset, None, cfg.backend)
+    return x
+
+
+def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_fn=None, levels=None):
     """n samples in standardised units and a report (step size, low-density share).
 
     fields_fn gives (s, g); log_fields_fn, where the model has it, gives (log s, ∇log s)
     without underflow and is then used for the start, the preconditioned step and denoising.
+    levels=(ε_min, ε_max): log_fields_fn(x, ε) gives the fields of p_ε in that range, which
+    the anneal sampler needs.
     """
+    if cfg.sampler == "anneal" and (levels is None or log_fields_fn is None):
+        raise BdiffError("the anneal sampler needs a model trained with noise levels "
+                         "(bdiff fit --eps-max, automatic for log fields)")
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
@@ -146,6 +185,8 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_
     log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
     if cfg.sampler == "bellman":
         h, log_delta = cfg.step_frac * math.sqrt(eps) / g_scale, None
+    elif cfg.sampler == "anneal":
+        h, log_delta = None, None
     else:
         # delta_rel = 0: the δ → 0 limit, Langevin dynamics on ∇log s
         log_delta = math.log(cfg.delta_rel) + log_s_max if cfg.delta_rel > 0 else -math.inf
@@ -154,10 +195,13 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
         generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
-        x = _initial(log_fields_fn, count, dim, cfg, log_floor, generator, device)
-        for step in range(cfg.steps):
-            x = _advance(fields_fn, log_fields_fn if exact_log else None, x, log_floor, h,
-                         cfg.seed, step, start, log_delta, cfg.backend)
+        x = _initial(log_fields_fn, count, dim, cfg, log_floor, generator, device, levels)
+        if cfg.sampler == "anneal":
+            x = anneal(log_fields_fn, x, levels, cfg, start)
+        else:
+            for step in range(cfg.steps):
+                x = _advance(fields_fn, log_fields_fn if exact_log else None, x, log_floor, h,
+                             cfg.seed, step, start, log_delta, cfg.backend)
         if cfg.denoise:
             log_s, score = log_fields_fn(x)
             x = x + eps * torch.where((log_s > log_floor).unsqueeze(1), score, torch.zeros_like(score))
@@ -172,5 +216,6 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_
     log_s_end, _ = log_fields_fn(x)
     report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": h,
               "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
+              "levels": None if cfg.sampler != "anneal" else list(levels),
               "low_density_share": float((log_s_end <= log_floor).float().mean())}
     return x, report

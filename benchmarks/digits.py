@@ -3,7 +3,7 @@ sklearn KDE (raw pixels and PCA-15), same data and split, similar parameter coun
 training budget. One table: digits FD, class-histogram entropy, mean classifier confidence,
 memorisation ratio, held-out log-likelihood where defined, training and sampling time.
 
-    python benchmarks/digits.py [--steps 5000] [--n 2000]
+    python benchmarks/digits.py [--steps 5000] [--n 2000] [--seeds 3]
 
 Writes benchmarks/results/digits.json and the sample grids digits_<method>.png.
 """
@@ -25,7 +25,6 @@ from bdiff.data import Standardizer, load_data
 from bdiff.images import image_metrics
 from bdiff.model import TrainedModel
 from bdiff.plots import plot_image_grid
-from bdiff.sampler import default_sample_config, sample
 from bdiff.trainer import FitConfig, Trainer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -41,25 +40,27 @@ def kde_by_heldout(train, bandwidths, seed=0):
     return KernelDensity(bandwidth=best).fit(train), best
 
 
-def run_bdiff(train, steps, n):
+def run_bdiff(train, steps, n, seed):
+    # width 192 with the two separate networks of a level-conditioned model: 190k parameters,
+    # beside the DDPM's 181k
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "digits.safetensors")
-        trainer = Trainer(train, FitConfig(steps=steps, eps_rule="heldout"), "digits", (8, 8))
+        trainer = Trainer(train, FitConfig(steps=steps, width=192, seed=seed), "digits", (8, 8))
         fit_s = trainer.run(path)
         model = TrainedModel.load(path)
-    cfg = default_sample_config(model.fields_net.param)
+    cfg = model.sample_config(seed=seed)
     start = time.perf_counter()
-    x, report = sample(model.fields, model.dim, model.eps, n, cfg, log_fields_fn=model.log_fields)
+    x, report = model.sample(n, cfg)
     sample_s = time.perf_counter() - start
-    extra = {"eps": model.eps, "low_density_share": report["low_density_share"],
+    extra = {"eps": model.eps, "levels": model.levels, "low_density_share": report["low_density_share"],
              "parameters": sum(p.numel() for p in model.fields_net.parameters()),
              "sampler": f"{cfg.sampler}, {cfg.init} start, {cfg.steps} steps, denoise {cfg.denoise}"}
     return model.standardizer.inverse(x.numpy()), fit_s, sample_s, model, extra
 
 
-def run_ddpm(train, steps, n):
+def run_ddpm(train, steps, n, seed):
     scaler = Standardizer.fit(train, pooled=True)
-    ddpm = DDPM(train.shape[1])
+    ddpm = DDPM(train.shape[1], seed=seed)
     fit_s = ddpm.fit(torch.from_numpy(scaler.forward(train)), steps=steps)
     start = time.perf_counter()
     x = ddpm.sample(n, train.shape[1])
@@ -71,36 +72,52 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=FitConfig.steps, help="training steps (bdiff and DDPM)")
     parser.add_argument("--n", type=int, default=2000, help="samples per method")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds for bdiff and DDPM")
     parser.add_argument("--out", default=os.path.join(RESULTS, "digits.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train, heldout = load_data("digits").values, load_data("digits", split="heldout").values
     rows = []
 
-    def add(method, samples, fit_s, sample_s, loglik=None, **extra):
-        metrics = image_metrics(samples, heldout, train)
-        rows.append({"method": method, **metrics, "heldout_loglik": loglik, "fit_s": fit_s,
-                     "sample_s": sample_s, **extra})
+    def add(method, runs, **extra):
+        """runs: (samples, fit_s, sample_s, held-out loglik or None) per seed; the row holds the
+        means, the per-seed FDs, and the first seed's class histogram and image grid."""
+        per_seed = [image_metrics(samples, heldout, train) for samples, *_ in runs]
+        row = {"method": method, **per_seed[0]}
+        for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "classes_present"):
+            row[key] = float(np.mean([m[key] for m in per_seed]))
+        row["digits_fd_seeds"] = [m["digits_fd"] for m in per_seed]
+        logliks = [run[3] for run in runs if run[3] is not None]
+        row["heldout_loglik"] = float(np.mean(logliks)) if logliks else None
+        row["fit_s"] = float(np.mean([run[1] for run in runs]))
+        row["sample_s"] = float(np.mean([run[2] for run in runs]))
+        rows.append({**row, **extra})
         slug = "".join(c for c in method.split(" (")[0].lower().replace(" ", "_") if c.isalnum() or c == "_")
-        plot_image_grid(os.path.join(RESULTS, f"digits_{slug}.png"), samples, (8, 8), title=method)
+        plot_image_grid(os.path.join(RESULTS, f"digits_{slug}.png"), runs[0][0], (8, 8), title=method)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "class_histogram"}), flush=True)
 
     pick = np.random.default_rng(0).permutation(len(train))[:len(heldout)]
-    add("training images (floor)", train[pick], 0.0, 0.0)
+    add("training images (floor)", [(train[pick], 0.0, 0.0, None)])
 
-    samples, fit_s, sample_s, model, extra = run_bdiff(train, args.steps, args.n)
-    add("bdiff", samples, fit_s, sample_s, float(model.log_density(heldout).mean()), **extra)
+    runs = []
+    for seed in range(args.seeds):
+        samples, fit_s, sample_s, model, extra = run_bdiff(train, args.steps, args.n, seed)
+        runs.append((samples, fit_s, sample_s, float(model.log_density(heldout).mean())))
+    add("bdiff", runs, **extra)
 
-    samples, fit_s, sample_s, extra = run_ddpm(train, args.steps, args.n)
-    add("DDPM", samples, fit_s, sample_s, **extra)
+    runs = []
+    for seed in range(args.seeds):
+        samples, fit_s, sample_s, extra = run_ddpm(train, args.steps, args.n, seed)
+        runs.append((samples, fit_s, sample_s, None))
+    add("DDPM", runs, **extra)
 
     start = time.perf_counter()
     kde, bandwidth = kde_by_heldout(train, np.logspace(-0.5, 1.0, 16))
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     samples = kde.sample(args.n, random_state=0).astype(np.float32)
-    add("KDE raw pixels", samples, fit_s, time.perf_counter() - start,
-        float(kde.score_samples(heldout).mean()), bandwidth=bandwidth)
+    add("KDE raw pixels", [(samples, fit_s, time.perf_counter() - start,
+                            float(kde.score_samples(heldout).mean()))], bandwidth=bandwidth)
 
     start = time.perf_counter()
     pca = PCA(15, whiten=False, random_state=0).fit(train)
@@ -108,17 +125,20 @@ def main():
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     samples = pca.inverse_transform(kde.sample(args.n, random_state=0)).astype(np.float32)
-    add("KDE PCA-15", samples, fit_s, time.perf_counter() - start, None, bandwidth=bandwidth,
+    add("KDE PCA-15", [(samples, fit_s, time.perf_counter() - start, None)], bandwidth=bandwidth,
         note="likelihood lives in the 15-D PCA space, not comparable")
 
-    table = Table(title=f"digits: {args.n} samples each, FD to the 360 held-out images")
+    table = Table(title=f"digits: {args.n} samples each, FD to the 360 held-out images; "
+                        f"bdiff and DDPM: mean (range) over {args.seeds} training seeds")
     for column in ("method", "digits FD", "class entropy", "classes", "confidence", "nn ratio",
                    "held-out loglik", "fit s", "sample s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         loglik = "–" if row["heldout_loglik"] is None else f"{row['heldout_loglik']:.1f}"
-        table.add_row(row["method"], f"{row['digits_fd']:.2f}", f"{row['class_entropy']:.3f}",
-                      str(row["classes_present"]), f"{row['mean_confidence']:.3f}",
+        seeds = row["digits_fd_seeds"]
+        fd = f"{row['digits_fd']:.2f}" + (f" ({min(seeds):.2f}–{max(seeds):.2f})" if len(seeds) > 1 else "")
+        table.add_row(row["method"], fd, f"{row['class_entropy']:.3f}",
+                      f"{row['classes_present']:g}", f"{row['mean_confidence']:.3f}",
                       f"{row['nn_ratio']:.2f}", loglik, f"{row['fit_s']:.1f}", f"{row['sample_s']:.1f}")
     Console(width=150).print(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -81,13 +81,18 @@ def fit(
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
                                         "units). Default: from --eps-rule."),
-    eps_rule: str = typer.Option("silverman", help="How ε is chosen when --eps is not given: "
-                                 "silverman, scott, or heldout (best likelihood of p_ε on 20% of "
-                                 "the training rows; recommended above ~10-D)."),
+    eps_rule: str = typer.Option("auto", help="How ε is chosen when --eps is not given: "
+                                 "silverman, scott, heldout (best likelihood of p_ε on 20% of "
+                                 "the training rows), or auto (heldout for log fields, else silverman)."),
     param: str = typer.Option("auto", help="Field outputs: linear (s, g), log (log s, ∇log s; "
                               "keeps s finite in high D) or auto (log above 8-D)."),
+    eps_max: Optional[float] = typer.Option(None, help="Also learn the fields of p_ε for ε up to "
+                                            "this, for the anneal sampler (log fields only). "
+                                            "Default: twice the data's total variance for log "
+                                            "fields, none for linear; 0 turns levels off."),
     grad_loss: str = typer.Option("direct", help="Gradient loss: direct, divergence or sliced."),
-    arch: str = typer.Option("shared", help="shared (one trunk) or separate (two networks)."),
+    arch: str = typer.Option("auto", help="shared (one trunk) or separate (two networks); auto: "
+                             "separate with noise levels, else shared."),
     width: int = typer.Option(256, help="Hidden width."),
     depth: int = typer.Option(3, help="Hidden layers."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -120,7 +125,7 @@ def fit(
     _threads()
     loaded = load_data(data, key=key)
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
-                    grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
+                    eps_max=eps_max, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
     trainer = Trainer(loaded.values, cfg, loaded.source, loaded.item_shape)
     if resume:
@@ -129,7 +134,8 @@ def fit(
             raise BdiffError(f"{output} already has {trainer.step} steps; ask for more with --steps")
     err.print(f"fitting {loaded.source}: {len(loaded.values)} points, D={trainer.dim}, "
               f"ε={trainer.eps:.4g} ({'given' if trainer.cfg.eps is not None else trainer.cfg.eps_rule}), "
-              f"{trainer.cfg.param} fields, log C={trainer.log_c:.3f}, from step {trainer.step}",
+              f"{trainer.cfg.param} fields{_levels_text(trainer.levels)}, log C={trainer.log_c:.3f}, "
+              f"from step {trainer.step}",
               highlight=False)
     with _progress() as progress:
         task = progress.add_task("fit", total=trainer.cfg.steps, completed=trainer.step, info="")
@@ -150,22 +156,21 @@ def fit(
     out.print(f"wrote {output} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
 
 
+def _levels_text(levels):
+    return "" if levels is None else f" at noise levels ε..{levels[1]:.4g}"
+
+
 def _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend):
-    """The model's measured defaults (by field parameterisation), overridden where given."""
-    from bdiff.sampler import default_sample_config
-    return default_sample_config(model.fields_net.param, sampler=sampler, init=init, steps=steps,
-                                 denoise=denoise, seed=seed, batch_size=batch_size, backend=backend)
+    """The model's measured defaults, overridden where given."""
+    return model.sample_config(sampler=sampler, init=init, steps=steps, denoise=denoise, seed=seed,
+                               batch_size=batch_size, backend=backend)
 
 
-def _draw_samples(model, n, cfg, device):
+def _draw_samples(model, n, cfg):
     """Samples in data units, with a progress bar over particle batches."""
-    from bdiff.sampler import sample
-    log_fields = model.log_fields if model.fields_net.param == "log" else None
     with _progress() as progress:
         task = progress.add_task("sample", total=n, info="")
-        x, report = sample(model.fields, model.dim, model.eps, n, cfg, device,
-                           on_batch=lambda done, total: progress.update(task, completed=done),
-                           log_fields_fn=log_fields)
+        x, report = model.sample(n, cfg, on_batch=lambda done, total: progress.update(task, completed=done))
     return model.standardizer.inverse(x.cpu().numpy()), report
 
 
@@ -181,12 +186,14 @@ def sample_command(
     n: int = typer.Option(10_000, "--n", help="Number of samples."),
     checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
     output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
-    sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE) or precond "
-                                          "(preconditioned SDE). Default: the model's measured "
-                                          "best: bellman in low D, precond (Langevin) for log fields."),
+    sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
+                                          "(preconditioned SDE) or anneal (down the noise levels). "
+                                          "Default: the model's measured best: bellman in low D, "
+                                          "anneal for models with noise levels, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
                                        "Default: importance in low D, gaussian for log fields."),
-    steps: Optional[int] = typer.Option(None, help="SDE steps. Default: 100 in low D, 300 for log fields."),
+    steps: Optional[int] = typer.Option(None, help="SDE steps (anneal: levels). Default: 100 in "
+                                        "low D, 200 levels, 300 for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
                                            "step x + ε∇log s that removes the N(0, εI) smoothing."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
@@ -201,6 +208,8 @@ def sample_command(
       bdiff sample --n 10000
 
       bdiff sample -c model.safetensors --n 500 -o samples.csv --sampler precond --steps 300
+
+      bdiff sample -c digits.safetensors --n 2000 -o digits.npy --sampler anneal --steps 400
     """
     from bdiff.data import save_array
     if n < 1:
@@ -209,7 +218,7 @@ def sample_command(
     _threads()
     model = _load_model(checkpoint, device)
     cfg = _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend)
-    values, report = _draw_samples(model, n, cfg, device)
+    values, report = _draw_samples(model, n, cfg)
     shape = tuple(model.meta.get("item_shape") or [model.dim])
     save_array(output, values.reshape(len(values), *shape))
     share = report["low_density_share"]
@@ -231,8 +240,8 @@ def evaluate(
     samples: Optional[Path] = typer.Option(None, "--samples", help="Samples file; default: sample now."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
-    sampler: Optional[str] = typer.Option(None, help="Sampler when sampling now: bellman or precond "
-                                          "(default: as `bdiff sample`)."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler when sampling now: bellman, precond "
+                                          "or anneal (default: as `bdiff sample`)."),
     init: Optional[str] = typer.Option(None, help="Start when sampling now (default: as `bdiff sample`)."),
     steps: Optional[int] = typer.Option(None, help="SDE steps when sampling now (default: as `bdiff sample`)."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="Tweedie step at the end."),
@@ -270,7 +279,7 @@ def evaluate(
         values = load_data(str(samples)).values
     else:
         cfg = _sample_config(model, sampler, init, steps, denoise, seed, 10_000, None)
-        values, report = _draw_samples(model, n, cfg, device)
+        values, report = _draw_samples(model, n, cfg)
     builtin = BUILTINS.get(data) if data in BUILTINS and not os.path.exists(data) else None
     law = builtin.law if builtin is not None else None
     metrics = evaluate_model(model, heldout, values, law=law, seed=seed)

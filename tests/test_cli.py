@@ -111,6 +111,8 @@ def test_fit_bad_data(tmp_path, content, message):
     (["--grad-loss", "magic"], "unknown gradient loss"), (["--steps", "0"], "--steps"),
     (["--device", "cuda"], "cuda"), (["--backend", "gpu"], "unknown backend"),
     (["--eps-rule", "magic"], "unknown ε rule"), (["--param", "cubic"], "unknown --param"),
+    (["--eps-max", "-1"], "--eps-max"), (["--eps-max", "5"], "need log fields"),
+    (["--param", "log", "--eps-max", "1e-4"], "must exceed twice"), (["--arch", "tower"], "unknown arch"),
 ])
 def test_fit_bad_options(tmp_path, data_file, option, message):
     assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT, *option),
@@ -140,6 +142,7 @@ def test_sample_bad_input_leaves_existing_output_alone(tmp_path, tiny_checkpoint
         (["-c", corrupt], "corrupt or truncated"), (["-c", tmp_path / "none.safetensors"], "no checkpoint"),
         (["--sampler", "magic"], "unknown sampler"), (["--init", "grid"], "unknown --init"),
         (["--steps", "-1"], "--steps"), (["--device", "cuda"], "cuda"),
+        (["--sampler", "anneal"], "noise levels"),
     ]
     for args, message in cases:
         args = args if "-c" in args else ["-c", tiny_checkpoint, *args]
@@ -189,13 +192,15 @@ def test_benchmark_bad_options(args, message):
 
 def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
     model = tmp_path / "digits.safetensors"
-    result = invoke("fit", "digits", "-o", model, *FAST_FIT, "--eps-rule", "heldout")
+    result = invoke("fit", "digits", "-o", model, *FAST_FIT)
     assert result.exit_code == 0, result.output + result.stderr
-    assert "heldout" in result.stderr and "log fields" in result.stderr
+    assert "heldout" in result.stderr and "noise" in result.stderr and "ε..128.1" in result.stderr
     images = tmp_path / "images.npy"
     result = invoke("sample", "-c", model, "--n", "50", "-o", images, "--steps", "20")
     assert result.exit_code == 0, result.output + result.stderr
     assert np.load(images).shape == (50, 8, 8)  # image shape restored
+    assert "anneal SDE" in result.output  # the default for a model with noise levels
+    assert_clean_failure(invoke("sample", "-c", model, "-o", images, "--init", "importance"), "does not apply")
     metrics = tmp_path / "m.json"
     result = invoke("evaluate", "-c", model, "--n", "300", "--steps", "20", "--json", metrics,
                     "--plot", tmp_path / "plots")

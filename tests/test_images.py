@@ -82,7 +82,7 @@ def test_log_domain_model_learns_a_10d_gaussian(tmp_path):
     data = np.random.default_rng(0).normal(size=(3000, dim)).astype(np.float32)
     heldout = np.random.default_rng(1).normal(size=(1000, dim)).astype(np.float32)
     path = tmp_path / "g10.safetensors"
-    trainer = Trainer(data, FitConfig(steps=400, width=64, depth=2, batch_size=512, eps_rule="heldout"), "g10")
+    trainer = Trainer(data, FitConfig(steps=400, width=64, depth=2, batch_size=512, eps_max=0), "g10")
     assert trainer.cfg.param == "log"
     trainer.run(str(path))
     model = TrainedModel.load(path)
