@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("gymnasium")
 
-from bdiff.rl.bellman import BellmanAgent, bellman_targets, gaussian, next_points  # noqa: E402
+from bdiff.rl.bellman import (BellmanAgent, bellman_targets, gaussian, mixture_fields,  # noqa: E402
+                              mixture_targets, next_points)
 from bdiff.rl.c51 import project, project_naive  # noqa: E402
 from bdiff.rl.envs import (SPECS, exact_return_distribution, frozenlake_transitions,  # noqa: E402
                            make_env, optimal_policy, w1_between_discrete)
@@ -56,6 +57,23 @@ def test_smoothed_target_keeps_the_width(gamma):
     assert (g + centre / eps * expected).abs().max() < 1e-3 * (centre / eps * expected).abs().max()
 
 
+@pytest.mark.parametrize("gamma", [0.9, 0.99])
+def test_mixture_targets_match_the_quadrature_targets(gamma):
+    """The agent's closed-form targets equal the general targets of SPEC §1.4 computed from the
+    successor's fields at the quadrature nodes, terminal rows included."""
+    eps, centres = 0.05**2, torch.linspace(-1, 1, 64)
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.softmax(3 * torch.randn(4, 64, generator=generator), 1)
+    u = torch.linspace(-1.2, 1.2, 97).repeat(4, 1)
+    shifts, terminal = torch.tensor([0.0, 0.05, -0.3, 0.4]), torch.tensor([False, False, True, False])
+    x = next_points(u, shifts, gamma, eps)
+    next_s, next_g = mixture_fields(weights, centres, x.flatten(1), eps)
+    general = bellman_targets(next_s.view(x.shape), next_g.view(x.shape), u, shifts, gamma, terminal, eps)
+    closed = mixture_targets(weights, centres, u, shifts, gamma, terminal, eps)
+    for a, b in zip(closed, general):
+        assert (a - b).abs().max() < 2e-3 * b.abs().max()
+
+
 def test_learned_law_weights_outcomes_by_their_probability():
     """One state, terminal outcomes u = -0.5 (p = 0.8) and +0.5 (p = 0.2): the fitted density
     must hold mass 0.2 above 0. The regression weighs each outcome by its probability only if
@@ -73,6 +91,23 @@ def test_learned_law_weights_outcomes_by_their_probability():
         agent.target.load_state_dict(agent.net.state_dict())
     grid, density = agent.distribution(torch.ones(1, 1), torch.zeros(1, dtype=torch.long))
     assert float(density[0][grid > 0].sum() / density[0].sum()) == pytest.approx(0.2, abs=0.03)
+
+
+def test_mixture_fields_and_quadrature_mean():
+    """g is ∂s/∂u, and the precomputed quadrature mean equals the mean of s on the grid."""
+    torch.manual_seed(0)
+    agent = BellmanAgent(3, 2, 0.9, hidden=16)
+    states = torch.randn(5, 3)
+    actions = torch.tensor([0, 1, 1, 0, 1])
+    u = torch.linspace(-1.1, 1.1, 37).repeat(5, 1).requires_grad_()
+    s, g = agent.net.fields(agent.net(states, actions), u)
+    assert torch.allclose(torch.autograd.grad(s.sum(), u)[0], g, atol=1e-4 * float(g.detach().abs().max()))
+    grid = agent.grid.expand(5, -1)
+    with torch.no_grad():
+        for action in (0, 1):
+            density, _ = agent.net.fields(agent.net(states, torch.full((5,), action)), grid)
+            mean = (density * grid).sum(1) / density.sum(1)
+            assert torch.allclose(agent.mean_returns(states)[:, action], mean, atol=1e-5)
 
 
 def test_gaussian_integrates_to_one():

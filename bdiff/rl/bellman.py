@@ -36,16 +36,40 @@ class ReturnFieldNet(nn.Module):
         self.head = nn.Linear(hidden, n_actions * n_centres)
         self.register_buffer("centres", torch.linspace(-1.0, 1.0, n_centres))
 
-    def forward(self, states, u):
-        weights = torch.softmax(self.head(self.trunk(states)).view(len(states), self.n_actions, -1), -1)
-        diff = self.centres - u[..., None]
-        bump = gaussian(diff, self.eps)
-        return (torch.einsum("bkc,bac->bka", bump, weights),
-                torch.einsum("bkc,bac->bka", bump * diff / self.eps, weights))
+    def forward(self, states, actions):
+        """Mixture weights (B, C) of the return law of each (state, action)."""
+        logits = self.head(self.trunk(states)).view(len(states), self.n_actions, -1)
+        return torch.softmax(logits[torch.arange(len(states)), actions], -1)
+
+    def all_weights(self, states):
+        """Mixture weights (B, A, C) for every action."""
+        return torch.softmax(self.head(self.trunk(states)).view(len(states), self.n_actions, -1), -1)
+
+    def fields(self, weights, u):
+        """s and g (B, K) at points u (B, K) of the mixtures with weights (B, C)."""
+        return mixture_fields(weights, self.centres, u, self.eps)
 
 
 def gaussian(u, eps):
     return torch.exp(-u * u / (2 * eps)) / math.sqrt(2 * math.pi * eps)
+
+
+def mixture_fields(weights, centres, u, eps):
+    """s(u) = Σ_k w_k N(u; c_k, ε) and g = ∂s/∂u at u (B, K); weights (B, C), centres (C,) or (B, C)."""
+    diff = centres[..., None, :] - u[..., None]
+    bump = gaussian(diff, eps)
+    return (torch.einsum("bkc,bc->bk", bump, weights),
+            torch.einsum("bkc,bc->bk", bump * diff / eps, weights))
+
+
+def mixture_targets(next_weights, centres, u, shifts, gamma, terminal, eps):
+    """The targets of `bellman_targets` in closed form when the successor's fields are a mixture
+    of N(c_k, ε) bumps: (1/γ) N((u - shift - v)/γ; c_k, ε) = N(u - shift - v; γc_k, γ²ε), and
+    averaging over v ~ N(0, (1 - γ²)ε) gives N(u; shift + γc_k, ε) exactly. So the target is the
+    same mixture with its centres moved to shift + γc_k (to shift alone at a terminal), like
+    C51's r + γ·atoms but with nothing to project. One bump evaluation instead of five."""
+    moved = shifts[:, None] + gamma * centres * (~terminal)[:, None]
+    return mixture_fields(next_weights, moved, u, eps)
 
 
 # Gauss-Hermite nodes and weights (probabilists', normalised) for E_v over v ~ N(0, 1). Five are
@@ -62,7 +86,8 @@ def next_points(u, shifts, gamma, eps):
 
 
 def bellman_targets(next_s, next_g, u, shifts, gamma, terminal, eps):
-    """Targets at query points u (B, K) from the target fields at next_points(u, ...) (B, K, nodes)."""
+    """Targets at query points u (B, K) from any target fields at next_points(u, ...) (B, K, nodes).
+    The agent uses their closed form for its mixture fields, `mixture_targets` (tested equal)."""
     next_s, next_g = next_s @ _WEIGHTS, next_g @ _WEIGHTS
     diff = u - shifts[:, None]
     terminal_s = gaussian(diff, eps)
@@ -75,60 +100,53 @@ class BellmanAgent:
     def __init__(self, n_features, n_actions, gamma, hidden=128, lr=1e-3, eps=0.05**2,
                  n_queries=24, grid_points=64):
         self.gamma, self.eps, self.n_queries = gamma, eps, n_queries
-        self.grid = torch.linspace(-RANGE, RANGE, grid_points)
         self.net = ReturnFieldNet(n_features, n_actions, eps, hidden)
         self.target = ReturnFieldNet(n_features, n_actions, eps, hidden)
         self.target.load_state_dict(self.net.state_dict())
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
-
-    def _grid_density(self, net, states):
-        s, _ = net(states, self.grid.expand(len(states), -1))
-        return s.clamp_min(0)  # (B, G, A)
+        # s on the quadrature grid is linear in the weights: s(grid) = weights @ bumps, so the
+        # grid and its two quadrature sums (mass, first moment) per centre are computed once
+        self.grid = torch.linspace(-RANGE, RANGE, grid_points)
+        self.grid_bumps = gaussian(self.net.centres[:, None] - self.grid, eps)  # (C, G)
+        self.bump_mass = self.grid_bumps.sum(1)
+        self.bump_moment = self.grid_bumps @ self.grid
 
     @torch.no_grad()
     def mean_returns(self, states, net=None):
-        """E[u] per action by quadrature of the (normalised) scalar field on the grid."""
-        density = self._grid_density(net or self.net, states)
-        mass = density.sum(1).clamp_min(1e-12)
-        return (density * self.grid[None, :, None]).sum(1) / mass
+        """E[u] per action (B, A) by quadrature of s on the grid: Σ_g u_g s(u_g) / Σ_g s(u_g)."""
+        weights = (net or self.net).all_weights(states)
+        return (weights @ self.bump_moment) / (weights @ self.bump_mass)
 
     @torch.no_grad()
     def distribution(self, states, actions):
         """(grid, density (B, G)) of the learned return law in standardised units."""
-        density = self._grid_density(self.net, states)[torch.arange(len(actions)), :, actions]
-        return self.grid, density
+        return self.grid, self.net(states, actions) @ self.grid_bumps
 
     @torch.no_grad()
     def greedy_next(self, next_states):
         return self.mean_returns(next_states, self.target).argmax(1)
 
     @torch.no_grad()
-    def _queries(self, own_density, generator=None):
+    def _queries(self, own_weights, generator=None):
         """Half spread over the return range, half drawn from the target network's return law of
-        the same (state, action). Neither may depend on the sampled transition: the regression's
-        minimiser at u is Σ_t p_t q_t(u) T_t(u) / Σ_t p_t q_t(u), the true mixture Σ_t p_t T_t(u)
-        only when every outcome t is queried alike (queries near each successor's own mass
-        biased it to the successors' peaks: W1 stuck at 0.14-0.30)."""
-        batch, half = len(own_density), self.n_queries // 2
+        the same (state, action) (a centre by its weight plus N(0, ε) noise). Neither may depend
+        on the sampled transition: the regression's minimiser at u is
+        Σ_t p_t q_t(u) T_t(u) / Σ_t p_t q_t(u), the true mixture Σ_t p_t T_t(u) only when every
+        outcome t is queried alike (queries near each successor's own mass biased it to the
+        successors' peaks: W1 stuck at 0.14-0.30)."""
+        batch, half = len(own_weights), self.n_queries // 2
         spread = (torch.rand(batch, half, generator=generator) * 2 - 1) * RANGE
-        picks = torch.multinomial(own_density + 1e-6, self.n_queries - half, replacement=True,
+        picks = torch.multinomial(own_weights, self.n_queries - half, replacement=True,
                                   generator=generator)
-        near = self.grid[picks] + torch.randn(picks.shape, generator=generator) * math.sqrt(self.eps)
+        near = self.net.centres[picks] + torch.randn(picks.shape, generator=generator) * math.sqrt(self.eps)
         return torch.cat([spread, near], 1)
 
     def loss(self, batch, next_actions):
         states, actions, shifts, terminal, next_states = batch
-        rows = torch.arange(len(shifts))
         with torch.no_grad():
-            u = self._queries(self._grid_density(self.target, states)[rows, :, actions])
-            u_next = next_points(u, shifts, self.gamma, self.eps)
-            next_s, next_g = self.target(next_states, u_next.flatten(1))
-            index = next_actions[:, None, None].expand(-1, u_next[0].numel(), 1)
-            next_s = next_s.gather(2, index)[..., 0].view(u_next.shape)
-            next_g = next_g.gather(2, index)[..., 0].view(u_next.shape)
-            s_target, g_target = bellman_targets(next_s, next_g, u, shifts, self.gamma, terminal, self.eps)
-        s, g = self.net(states, u)
-        index = actions[:, None, None].expand(-1, u.shape[1], 1)
-        s, g = s.gather(2, index)[..., 0], g.gather(2, index)[..., 0]
+            u = self._queries(self.target(states, actions))
+            s_target, g_target = mixture_targets(self.target(next_states, next_actions), self.target.centres,
+                                                 u, shifts, self.gamma, terminal, self.eps)
+        s, g = self.net.fields(self.net(states, actions), u)
         # ε·|g - g*|² puts both fields on the same scale (g ~ s/sqrt(ε))
         return ((s - s_target) ** 2).mean() + self.eps * ((g - g_target) ** 2).mean()
