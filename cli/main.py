@@ -435,6 +435,8 @@ def rl(
     compare: bool = typer.Option(False, "--compare", help="Run both agents over every seed and "
                                  "write curves, plots and the steps-to-threshold ratio."),
     eval_every: int = typer.Option(1000, help="Evaluate every N steps."),
+    jobs: int = typer.Option(1, help="Runs at a time, each in its own process on one thread "
+                             "(up to the number of cores)."),
     out_dir: Path = typer.Option(Path("rl-results"), "--out", help="Folder for CSV, PNG and JSON."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON here."),
 ):
@@ -444,7 +446,7 @@ def rl(
 
       bdiff rl frozenlake --agent bellman --steps 10000
 
-      bdiff rl frozenlake --compare --seeds 5 --steps 4000 --json rl-results/rl.json
+      bdiff rl frozenlake --compare --seeds 5 --steps 4000 --jobs 2 --json rl-results/rl.json
     """
     import torch
 
@@ -453,8 +455,8 @@ def rl(
     get_spec(env)
     if agent not in AGENTS:
         raise BdiffError(f"unknown agent {agent!r}; choose {', '.join(AGENTS)}")
-    if seeds < 1 or steps < 1 or eval_every < 1:
-        raise BdiffError("--seeds, --steps and --eval-every must be positive")
+    if seeds < 1 or steps < 1 or eval_every < 1 or jobs < 1:
+        raise BdiffError("--seeds, --steps, --eval-every and --jobs must be positive")
     try:  # first, so that --json may point into --out
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
@@ -468,7 +470,7 @@ def rl(
                   highlight=False)
 
     records = compare_agents(env, seeds, steps, str(out_dir), AGENTS if compare else (agent,),
-                             on_eval=progress, eval_every=eval_every)
+                             on_eval=progress, jobs=jobs, eval_every=eval_every)
     table = Table(title=f"bdiff rl {env}")
     for column in ("agent", "seed", "steps to threshold", "final metric", "seconds"):
         table.add_column(column)

@@ -166,14 +166,15 @@ def test_short_policy_evaluation_run_learns(agent):
     assert np.isfinite(first)
 
 
-def test_rl_cli_compare(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_rl_cli_compare(tmp_path, jobs):
     from typer.testing import CliRunner
 
     from bdiff.cli.main import app
     out = tmp_path / "rl"
     result = CliRunner().invoke(app, ["rl", "frozenlake", "--compare", "--seeds", "1", "--steps", "700",
-                                      "--eval-every", "350", "--out", str(out), "--json",
-                                      str(tmp_path / "rl.json")])
+                                      "--eval-every", "350", "--jobs", jobs, "--out", str(out),
+                                      "--json", str(tmp_path / "rl.json")])
     assert result.exit_code == 0, result.stderr
     records = json.loads((tmp_path / "rl.json").read_text())
     runs = [r for r in records if not r.get("summary")]
@@ -181,6 +182,7 @@ def test_rl_cli_compare(tmp_path):
     for r in runs:
         assert {"env", "agent", "seed", "steps_to_threshold", "final_metric", "metric"} <= set(r)
     assert records[-1]["summary"] and "ratio" in records[-1]
+    assert "bellman seed 0: step 700" in result.stderr  # from worker processes too
     for name in ["frozenlake_curves.csv", "frozenlake_curves.png", "frozenlake_densities.png"]:
         assert (out / name).stat().st_size > 0
 
@@ -190,7 +192,7 @@ def test_rl_cli_bad_input(tmp_path):
 
     from bdiff.cli.main import app
     for args, message in [(["mountaincar"], "unknown environment"), (["frozenlake", "--agent", "dqn"], "unknown agent"),
-                          (["frozenlake", "--steps", "0"], "positive")]:
+                          (["frozenlake", "--steps", "0"], "positive"), (["cartpole", "--jobs", "0"], "positive")]:
         result = CliRunner().invoke(app, ["rl", *args, "--out", str(tmp_path)])
         assert result.exit_code == 2 and message in result.stderr
 

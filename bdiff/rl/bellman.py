@@ -119,7 +119,13 @@ class BellmanAgent:
 
     @torch.no_grad()
     def distribution(self, states, actions):
-        """(grid, density (B, G)) of the learned return law in standardised units."""
+        """(centres, probabilities (B, C)): the learned return law in standardised units, the
+        discrete law Σ_k w_k δ(c_k) whose smoothing by N(0, ε) is the field s."""
+        return self.net.centres, self.net(states, actions)
+
+    @torch.no_grad()
+    def smoothed_density(self, states, actions):
+        """(grid, s (B, G)): the field itself, the return density smoothed by N(0, ε)."""
         return self.grid, self.net(states, actions) @ self.grid_bumps
 
     @torch.no_grad()

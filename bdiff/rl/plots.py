@@ -44,13 +44,16 @@ def plot_frozenlake_densities(path, results, states=(0, 4, 8, 14)):
             if r["seed"] != 0:
                 continue
             feats = torch.from_numpy(features(spec, [state]))
-            support, weights = r["agent_object"].distribution(feats, torch.as_tensor([truth.policy[state]]))
-            z = spec.center + spec.scale * support.numpy()
-            w = weights[0].numpy()
+            action = torch.as_tensor([truth.policy[state]])
             if isinstance(r["agent_object"], C51Agent):
-                ax.plot(z, w / (z[1] - z[0]), drawstyle="steps-mid", color="tab:orange", label="C51")
+                support, probs = r["agent_object"].distribution(feats, action)
+                z = spec.center + spec.scale * support.numpy()
+                ax.plot(z, probs[0].numpy() / (z[1] - z[0]), drawstyle="steps-mid", color="tab:orange",
+                        label="C51")
             else:
-                ax.plot(z, w / spec.scale, color="tab:blue", label="Bellman Diffusion s(z)")
+                grid, density = r["agent_object"].smoothed_density(feats, action)
+                z = spec.center + spec.scale * grid.numpy()
+                ax.plot(z, density[0].numpy() / spec.scale, color="tab:blue", label="Bellman Diffusion s(z)")
         ax.set_xlim(-0.1, 1.1)
         ax.set_title(f"state {state}")
         ax.set_xlabel("return")

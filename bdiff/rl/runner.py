@@ -1,9 +1,12 @@
 """Training and evaluation loop shared by both agents, and the multi-seed comparison."""
 import csv
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from queue import Empty
 
 import numpy as np
 import torch
@@ -87,22 +90,34 @@ class FrozenLakeTruth:
         self.states = reachable_states(self.P, self.policy)
         self.grid = np.linspace(-0.3, 1.3, 3201)
 
+    def _exact(self, state):
+        return (np.concatenate([self.atoms, [0.0]]),
+                np.concatenate([self.probs[state], [self.zero_mass[state]]]))
+
+    def _inputs(self):
+        return (torch.from_numpy(features(self.spec, np.array(self.states))),
+                torch.as_tensor(self.policy[self.states]))
+
     def w1(self, agent):
-        feats = torch.from_numpy(features(self.spec, np.array(self.states)))
-        actions = torch.as_tensor(self.policy[self.states])
-        support, weights = agent.distribution(feats, actions)
+        """Mean and per-state W1 of the agent's discrete return law (C51's atoms, Bellman
+        Diffusion's mixture centres) to the exact law, in return units."""
+        support, probs = agent.distribution(*self._inputs())
         support = self.spec.center + self.spec.scale * support.numpy()
+        values = [w1_between_discrete(self.grid, support, probs[row].numpy(), *self._exact(state))
+                  for row, state in enumerate(self.states)]
+        return float(np.mean(values)), values
+
+    def w1_smoothed(self, agent):
+        """Mean W1 of Bellman Diffusion's field s itself, p_ε, to the exact (unsmoothed) law:
+        includes the smoothing's own cost, about 0.8·sqrt(ε) in return units."""
+        grid, density = agent.smoothed_density(*self._inputs())
+        support = self.spec.center + self.spec.scale * grid.numpy()
         values = []
         for row, state in enumerate(self.states):
-            exact = (self.atoms, self.probs[state], self.zero_mass[state])
-            if isinstance(agent, C51Agent):
-                atoms = np.concatenate([exact[0], [0.0]])
-                probs = np.concatenate([exact[1], [exact[2]]])
-                values.append(w1_between_discrete(self.grid, support, weights[row].numpy(), atoms, probs))
-            else:
-                density = np.interp(self.grid, support, weights[row].numpy(), left=0, right=0)
-                values.append(w1_to_discrete(self.grid, density, *exact))
-        return float(np.mean(values)), values
+            on_grid = np.interp(self.grid, support, density[row].numpy(), left=0, right=0)
+            values.append(w1_to_discrete(self.grid, on_grid, self.atoms, self.probs[state],
+                                         self.zero_mass[state]))
+        return float(np.mean(values))
 
 
 def greedy_return(agent, spec, episodes, seed):
@@ -176,9 +191,12 @@ def train(cfg, on_eval=None):
     final = curve[-1][1]
     if spec.task == "control":
         final = greedy_return(agent, spec, 100, cfg.seed + 1)
-    return {"env": cfg.env, "agent": cfg.agent, "seed": cfg.seed, "steps_to_threshold": reached,
-            "final_metric": final, "metric": spec.metric, "curve": curve, "agent_object": agent,
-            "truth": truth, "seconds": time.perf_counter() - start, "budget": cfg.steps}
+    result = {"env": cfg.env, "agent": cfg.agent, "seed": cfg.seed, "steps_to_threshold": reached,
+              "final_metric": final, "metric": spec.metric, "curve": curve, "agent_object": agent,
+              "truth": truth, "seconds": time.perf_counter() - start, "budget": cfg.steps}
+    if truth is not None and isinstance(agent, BellmanAgent):
+        result["final_w1_smoothed"] = truth.w1_smoothed(agent)
+    return result
 
 
 def _evaluate(agent, spec, truth, cfg, searching):
@@ -194,20 +212,50 @@ def _meets(spec, metric, agent, cfg):
     return metric >= spec.threshold and greedy_return(agent, spec, 100, cfg.seed + 7) >= spec.threshold
 
 
-def compare(env, seeds, steps, out_dir, agents=AGENTS, on_eval=None, **overrides):
-    """Both agents over several seeds: CSV curves, PNG plots, JSON records with a summary."""
+def compare(env, seeds, steps, out_dir, agents=AGENTS, on_eval=None, jobs=1, **overrides):
+    """Both agents over several seeds, `jobs` runs at a time (one thread each): CSV curves,
+    PNG plots, JSON records with a summary. on_eval(agent, seed, step, metric, seconds)."""
     os.makedirs(out_dir, exist_ok=True)
-    results = []
-    for agent in agents:
-        for seed in range(seeds):
-            cfg = RLConfig(env=env, agent=agent, steps=steps, seed=seed, **overrides)
-            results.append(train(cfg, on_eval=None if on_eval is None else
-                                 (lambda s, m, t, a=agent, sd=seed: on_eval(a, sd, s, m, t))))
-    records = [{k: r[k] for k in ("env", "agent", "seed", "steps_to_threshold", "final_metric",
-                                  "metric", "seconds", "budget")} for r in results]
+    configs = [RLConfig(env=env, agent=agent, steps=steps, seed=seed, **overrides)
+               for agent in agents for seed in range(seeds)]
+    for cfg in configs:
+        cfg.validate()
+    if jobs == 1:
+        results = [train(cfg, on_eval=None if on_eval is None else
+                         (lambda s, m, t, c=cfg: on_eval(c.agent, c.seed, s, m, t))) for cfg in configs]
+    else:
+        results = _train_in_parallel(configs, jobs, on_eval)
+    keys = ("env", "agent", "seed", "steps_to_threshold", "final_metric", "metric", "seconds",
+            "budget", "final_w1_smoothed")
+    records = [{k: r[k] for k in keys if k in r} for r in results]
     records.append(summary(env, records))
     write_outputs(out_dir, env, results, records)
     return records
+
+
+def _train_reporting(cfg, queue):
+    torch.set_num_threads(1)
+    return train(cfg, on_eval=lambda s, m, t: queue.put((cfg.agent, cfg.seed, s, m, t)))
+
+
+def _train_in_parallel(configs, jobs, on_eval):
+    """Runs in worker processes (spawned: forking a process that has run torch can hang);
+    their evaluations come back through a queue as they happen."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_train_reporting, cfg, queue) for cfg in configs]
+        while True:
+            finished = all(f.done() for f in futures)
+            try:
+                while True:
+                    report = queue.get(timeout=0.2)
+                    if on_eval is not None:
+                        on_eval(*report)
+            except Empty:
+                pass
+            if finished:
+                return [f.result() for f in futures]
 
 
 def summary(env, records):
