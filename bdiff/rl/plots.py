@@ -38,8 +38,9 @@ def plot_frozenlake_densities(path, results, states=(0, 4, 8, 14)):
     fig, axes = plt.subplots(1, len(states), figsize=(4 * len(states), 3.4), squeeze=False)
     spec = truth.spec
     for ax, state in zip(axes[0], states):
-        ax.vlines(truth.atoms[truth.probs[state] > 1e-3], 0, truth.probs[state][truth.probs[state] > 1e-3]
-                  * 20, color="black", lw=1, label="exact (probability x 20)")
+        atoms, probs = truth.exact(state)
+        shown = probs > 1e-3
+        ax.vlines(atoms[shown], 0, probs[shown] * 20, color="black", lw=1, label="exact (probability x 20)")
         for r in results:
             if r["seed"] != 0:
                 continue

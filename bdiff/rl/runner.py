@@ -90,7 +90,8 @@ class FrozenLakeTruth:
         self.states = reachable_states(self.P, self.policy)
         self.grid = np.linspace(-0.3, 1.3, 3201)
 
-    def _exact(self, state):
+    def exact(self, state):
+        """(atoms, probabilities) of the exact return law, return 0 (never reaching the goal) last."""
         return (np.concatenate([self.atoms, [0.0]]),
                 np.concatenate([self.probs[state], [self.zero_mass[state]]]))
 
@@ -103,7 +104,7 @@ class FrozenLakeTruth:
         Diffusion's mixture centres) to the exact law, in return units."""
         support, probs = agent.distribution(*self._inputs())
         support = self.spec.center + self.spec.scale * support.numpy()
-        values = [w1_between_discrete(self.grid, support, probs[row].numpy(), *self._exact(state))
+        values = [w1_between_discrete(self.grid, support, probs[row].numpy(), *self.exact(state))
                   for row, state in enumerate(self.states)]
         return float(np.mean(values)), values
 
