@@ -41,8 +41,7 @@ class ReturnFieldNet(nn.Module):
 
     def forward(self, states, actions):
         """Mixture weights (B, C) of the return law of each (state, action)."""
-        logits = self.head(self.trunk(states)).view(len(states), self.n_actions, -1)
-        return torch.softmax(logits[torch.arange(len(states)), actions], -1)
+        return self.all_weights(states)[torch.arange(len(states)), actions]
 
     def all_weights(self, states):
         """Mixture weights (B, A, C) for every action."""
