@@ -197,6 +197,17 @@ def test_rl_cli_bad_input(tmp_path):
         assert result.exit_code == 2 and message in result.stderr
 
 
+def test_rl_cli_without_gymnasium_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from bdiff.cli.main import app
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # import now raises ImportError
+    result = CliRunner().invoke(app, ["rl", "frozenlake", "--steps", "10", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "pip install" in result.stderr and "[rl]" in result.stderr
+
+
 def test_summary_counts_missed_runs_as_the_budget():
     from bdiff.rl.runner import summary
     rows = [{"agent": "bellman", "steps_to_threshold": None, "final_metric": 0.2, "budget": 4000}] * 3

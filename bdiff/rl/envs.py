@@ -48,7 +48,10 @@ def get_spec(name):
 
 
 def make_env(spec, seed=None):
-    import gymnasium as gym
+    try:
+        import gymnasium as gym
+    except ImportError:
+        raise BdiffError("the RL environments need gymnasium: pip install -e '.[rl]'") from None
     env = gym.make(spec.gym_id, **spec.kwargs)
     env.reset(seed=seed)
     env.action_space.seed(seed)
