@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,7 +29,7 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except BdiffError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except MemoryError:
             err.print("[red]error:[/red] out of memory; try a smaller --batch-size")
@@ -38,7 +39,7 @@ def friendly(command):
         except Exception as error:  # noqa: BLE001 - last line of defence against tracebacks
             if os.environ.get("BDIFF_DEBUG"):
                 raise
-            err.print(f"[red]internal error:[/red] {type(error).__name__}: {error} "
+            err.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} "
                       "(set BDIFF_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
     return wrapper
