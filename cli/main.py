@@ -1,6 +1,8 @@
 """`bdiff`: fit, sample, evaluate, benchmark, rl. Parses options, calls the engine, prints."""
 import functools
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -470,8 +472,13 @@ def rl(
         err.print(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)",
                   highlight=False)
 
-    records = compare_agents(env, seeds, steps, str(out_dir), AGENTS if compare else (agent,),
-                             on_eval=progress, jobs=jobs, eval_every=eval_every)
+    # a kill unwinds like Ctrl-C, so that the worker processes of --jobs are terminated too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        records = compare_agents(env, seeds, steps, str(out_dir), AGENTS if compare else (agent,),
+                                 on_eval=progress, jobs=jobs, eval_every=eval_every)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     table = Table(title=f"bdiff rl {env}")
     for column in ("agent", "seed", "steps to threshold", "final metric", "seconds"):
         table.add_column(column)

@@ -208,6 +208,35 @@ def test_rl_cli_without_gymnasium_says_what_to_install(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "pip install" in result.stderr and "[rl]" in result.stderr
 
 
+def test_rl_jobs_stop_with_their_parent(tmp_path):
+    """A kill of `bdiff rl --jobs 2` must not leave its worker processes training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    command = [sys.executable, "-c", "from bdiff.cli.main import run; run()", "rl", "frozenlake",
+               "--compare", "--steps", "100000", "--eval-every", "100", "--jobs", "2", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in process.stderr:  # wait until the workers are training
+            if "step 100 " in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            sessions = subprocess.run(["ps", "-eo", "sid="], capture_output=True, text=True).stdout.split()
+            if str(process.pid) not in sessions:
+                break
+            time.sleep(0.2)
+        assert str(process.pid) not in sessions, "worker processes outlived bdiff rl"
+    finally:
+        if process.poll() is None or str(process.pid) in subprocess.run(
+                ["ps", "-eo", "sid="], capture_output=True, text=True).stdout.split():
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def test_summary_counts_missed_runs_as_the_budget():
     from bdiff.rl.runner import summary
     rows = [{"agent": "bellman", "steps_to_threshold": None, "final_metric": 0.2, "budget": 4000}] * 3

@@ -3,8 +3,8 @@ import csv
 import json
 import multiprocessing
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from queue import Empty
 
@@ -234,20 +234,25 @@ def compare(env, seeds, steps, out_dir, agents=AGENTS, on_eval=None, jobs=1, **o
     return records
 
 
-def _train_reporting(cfg, queue):
+def _start_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it terminates the pool
     torch.set_num_threads(1)
+
+
+def _train_reporting(cfg, queue):
     return train(cfg, on_eval=lambda s, m, t: queue.put((cfg.agent, cfg.seed, s, m, t)))
 
 
 def _train_in_parallel(configs, jobs, on_eval):
     """Runs in worker processes (spawned: forking a process that has run torch can hang);
-    their evaluations come back through a queue as they happen."""
+    their evaluations come back through a queue as they happen. Leaving the `with` by any
+    exception (Ctrl-C included) terminates the workers."""
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with context.Manager() as manager, context.Pool(jobs, initializer=_start_worker) as pool:
         queue = manager.Queue()
-        futures = [pool.submit(_train_reporting, cfg, queue) for cfg in configs]
+        pending = [pool.apply_async(_train_reporting, (cfg, queue)) for cfg in configs]
         while True:
-            finished = all(f.done() for f in futures)
+            finished = all(p.ready() for p in pending)
             try:
                 while True:
                     report = queue.get(timeout=0.2)
@@ -256,7 +261,7 @@ def _train_in_parallel(configs, jobs, on_eval):
             except Empty:
                 pass
             if finished:
-                return [f.result() for f in futures]
+                return [p.get() for p in pending]
 
 
 def summary(env, records):
