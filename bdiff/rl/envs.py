@@ -121,17 +121,19 @@ def reachable_states(P, policy, start=0):
     return sorted(seen)
 
 
-def w1_to_discrete(grid, density, atoms, probs, zero_mass):
+def discrete_cdf(grid, atoms, probs):
+    return (grid[:, None] >= atoms[None, :]).astype(float) @ probs
+
+
+def w1_to_discrete(grid, density, atoms, probs):
     """W1 = ∫ |F_model - F_exact| between a density on a grid and a discrete law."""
     cell = grid[1] - grid[0]
     model_cdf = np.cumsum(np.clip(density, 0, None)) * cell
     model_cdf /= max(model_cdf[-1], 1e-12)
-    exact_cdf = (grid[:, None] >= atoms[None, :]).astype(float) @ probs + zero_mass * (grid >= 0)
-    return float(np.abs(model_cdf - exact_cdf).sum() * cell)
+    return float(np.abs(model_cdf - discrete_cdf(grid, atoms, probs)).sum() * cell)
 
 
 def w1_between_discrete(grid, atoms_a, probs_a, atoms_b, probs_b):
     cell = grid[1] - grid[0]
-    cdf_a = (grid[:, None] >= atoms_a[None, :]).astype(float) @ probs_a
-    cdf_b = (grid[:, None] >= atoms_b[None, :]).astype(float) @ probs_b
-    return float(np.abs(cdf_a - cdf_b).sum() * cell)
+    return float(np.abs(discrete_cdf(grid, atoms_a, probs_a) - discrete_cdf(grid, atoms_b, probs_b)).sum()
+                 * cell)

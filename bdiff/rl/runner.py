@@ -89,20 +89,18 @@ class FrozenLakeTruth:
             self.P, self.policy, spec.gamma)
         self.states = reachable_states(self.P, self.policy)
         self.grid = np.linspace(-0.3, 1.3, 3201)
+        self.inputs = (torch.from_numpy(features(spec, np.array(self.states))),
+                       torch.as_tensor(self.policy[self.states]))
 
     def exact(self, state):
         """(atoms, probabilities) of the exact return law, return 0 (never reaching the goal) last."""
         return (np.concatenate([self.atoms, [0.0]]),
                 np.concatenate([self.probs[state], [self.zero_mass[state]]]))
 
-    def _inputs(self):
-        return (torch.from_numpy(features(self.spec, np.array(self.states))),
-                torch.as_tensor(self.policy[self.states]))
-
     def w1(self, agent):
         """Mean and per-state W1 of the agent's discrete return law (C51's atoms, Bellman
         Diffusion's mixture centres) to the exact law, in return units."""
-        support, probs = agent.distribution(*self._inputs())
+        support, probs = agent.distribution(*self.inputs)
         support = self.spec.center + self.spec.scale * support.numpy()
         values = [w1_between_discrete(self.grid, support, probs[row].numpy(), *self.exact(state))
                   for row, state in enumerate(self.states)]
@@ -111,14 +109,12 @@ class FrozenLakeTruth:
     def w1_smoothed(self, agent):
         """Mean W1 of Bellman Diffusion's field s itself, p_ε, to the exact (unsmoothed) law:
         includes the smoothing's own cost, about 0.8·sqrt(ε) in return units."""
-        grid, density = agent.smoothed_density(*self._inputs())
+        grid, density = agent.smoothed_density(*self.inputs)
         support = self.spec.center + self.spec.scale * grid.numpy()
-        values = []
-        for row, state in enumerate(self.states):
-            on_grid = np.interp(self.grid, support, density[row].numpy(), left=0, right=0)
-            values.append(w1_to_discrete(self.grid, on_grid, self.atoms, self.probs[state],
-                                         self.zero_mass[state]))
-        return float(np.mean(values))
+        return float(np.mean([
+            w1_to_discrete(self.grid, np.interp(self.grid, support, density[row].numpy(), left=0, right=0),
+                           *self.exact(state))
+            for row, state in enumerate(self.states)]))
 
 
 def greedy_return(agent, spec, episodes, seed):
@@ -251,17 +247,21 @@ def _train_in_parallel(configs, jobs, on_eval):
     with context.Manager() as manager, context.Pool(jobs, initializer=_start_worker) as pool:
         queue = manager.Queue()
         pending = [pool.apply_async(_train_reporting, (cfg, queue)) for cfg in configs]
+        while not all(p.ready() for p in pending):
+            _forward_reports(queue, on_eval)
+        _forward_reports(queue, on_eval)  # the last runs' final evaluations
+        return [p.get() for p in pending]
+
+
+def _forward_reports(queue, on_eval):
+    """Pass on the evaluations queued so far, waiting at most 0.2 s for the first."""
+    try:
         while True:
-            finished = all(p.ready() for p in pending)
-            try:
-                while True:
-                    report = queue.get(timeout=0.2)
-                    if on_eval is not None:
-                        on_eval(*report)
-            except Empty:
-                pass
-            if finished:
-                return [p.get() for p in pending]
+            report = queue.get(timeout=0.2)
+            if on_eval is not None:
+                on_eval(*report)
+    except Empty:
+        pass
 
 
 def summary(env, records):
