@@ -15,7 +15,6 @@ def mlp(dim_in, dim_out, width, depth):
 
 
 PARAMS = ("linear", "log")
-LOG_DIM = 8  # param="auto": the log parameterisation above this dimension
 LEVEL_FEATURES = 16  # sinusoidal features of the noise level fed to level-conditioned fields
 
 
@@ -35,9 +34,12 @@ def log_view(s, g):
     return log_s, score
 
 
-def resolve_param(param, dim):
+def resolve_param(param):
+    """auto: log fields in every dimension. A linear s goes negative between modes (negative
+    mass) and underflows above ~8-D; log fields with noise levels measured better on 1-D and 2-D
+    data too (NOTES.md), so one family serves all D."""
     if param == "auto":
-        return "log" if dim > LOG_DIM else "linear"
+        return "log"
     if param not in PARAMS:
         raise ValueError(f"unknown field parameterisation {param!r}")
     return param
@@ -60,7 +62,7 @@ class FieldModel(nn.Module):
 
     def __init__(self, dim, width=256, depth=3, arch="shared", param="linear", levels=None):
         super().__init__()
-        self.dim, self.arch, self.param = dim, arch, resolve_param(param, dim)
+        self.dim, self.arch, self.param = dim, arch, resolve_param(param)
         self.levels = None if levels is None else (float(levels[0]), float(levels[1]))
         if self.levels is not None and (self.param != "log" or not 0 < self.levels[0] < self.levels[1]):
             raise ValueError(f"levels need log fields and 0 < ε_min < ε_max, got {levels}")

@@ -1,6 +1,7 @@
 """Training loop: data → standardise → ε, log C → field matching with Adam and EMA."""
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -13,27 +14,29 @@ import torch
 from bdiff.backend import check_device
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import Standardizer, fingerprint
+from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import PARAMS, FieldModel, resolve_param
-from bdiff.losses import (EPS_RULES, GRAD_LOSSES, bandwidth, field_loss, heldout_bandwidth, log_normaliser,
-                          noise_levels)
+from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, field_loss, heldout_bandwidth,
+                          log_normaliser, noise_levels, split_validation)
 
 
 @dataclass
 class FitConfig:
-    steps: int = 5000
+    steps: int = 3000            # a cap: training stops earlier when the validation loss stalls
     batch_size: int = 1024
     lr: float = 2e-3
     width: int = 256
     depth: int = 3
     arch: str = "auto"           # "shared" trunk or "separate" networks; auto: separate with
     #                              noise levels (digits FD 4.5-5.4 against 5.5-8.7 shared)
-    param: str = "auto"          # "linear" (s, g) or "log" (log s, ∇log s); auto: log above 8-D
+    param: str = "auto"          # "linear" (s, g) or "log" (log s, ∇log s); auto: log, in every D
+    #                              (docs/design.md §2: one family measured best on low-D data too)
     grad_loss: str = "direct"
     id_weight: float = 1.0
     eps: float = None            # None: from `eps_rule` on the standardised data
     eps_rule: str = "auto"       # "silverman", "scott", or "heldout": best held-out likelihood
-    #                              of p_ε; auto: heldout for log fields, else silverman
+    #                              of p_ε; auto: heldout (Silverman oversmooths multimodal data)
     eps_max: float = None        # noise levels ε..eps_max for the annealed sampler; None: auto
     #                              (log fields: twice the data's total variance), 0: none
     query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
@@ -46,6 +49,9 @@ class FitConfig:
     device: str = "cpu"
     backend: str = None
     checkpoint_every: int = 500
+    val_fraction: float = 0.1    # rows kept out of the references to judge the fit (early stopping)
+    eval_every: int = 100        # steps between validation losses
+    patience: int = 5            # validations without a 1% improvement before training stops; 0: never
 
     def validate(self):
         if self.steps < 1 or self.batch_size < 2:
@@ -64,6 +70,9 @@ class FitConfig:
             raise BdiffError(f"the scalar-field loss weight must be positive, got {self.id_weight}")
         if self.eps_max is not None and not (self.eps_max >= 0 and math.isfinite(self.eps_max)):
             raise BdiffError(f"--eps-max must be 0 (no levels) or a positive variance, got {self.eps_max}")
+        if not 0 <= self.val_fraction < 0.5 or self.eval_every < 1 or self.patience < 0:
+            raise BdiffError("validation settings need 0 <= val_fraction < 0.5, eval_every >= 1, "
+                             "patience >= 0")
         if self.eps is not None and not (1e-6 <= self.eps <= 100):
             raise BdiffError(f"--eps {self.eps} is outside the sensible range [1e-6, 100] "
                              "(ε is a variance in standardised units; the default is automatic)")
@@ -81,6 +90,7 @@ class Trainer:
     """Owns the model, EMA copy, optimiser and RNG; `run` trains and checkpoints."""
 
     def __init__(self, data, cfg, source="data", item_shape=None):
+        cfg = dataclasses.replace(cfg)  # resolved below; the caller's config stays as given
         cfg.validate()
         self.cfg, self.source = cfg, source
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
@@ -88,13 +98,14 @@ class Trainer:
         self.standardizer = Standardizer.fit(values, pooled=len(self.item_shape) >= 2)
         self.fingerprint = fingerprint(values)
         self.device = torch.device(cfg.device)
-        self.refs = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
-        self.dim = self.refs.shape[1]
-        cfg.param = resolve_param(cfg.param, self.dim)
+        rows = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
+        self.dim = rows.shape[1]
+        cfg.param = resolve_param(cfg.param)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.eps_scores = None
+        self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
+        self.eps_scores = self.eps_model_scores = None
         if cfg.eps_rule == "auto":
-            cfg.eps_rule = "heldout" if cfg.param == "log" else "silverman"
+            cfg.eps_rule = "heldout"
         if cfg.eps is not None:
             self.eps = cfg.eps
         elif cfg.eps_rule == "heldout":
@@ -107,6 +118,9 @@ class Trainer:
         self._build()
         self.step, self.train_seconds = 0, 0.0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
+        self.validation = None if self.val_rows is None else ValidationSet(
+            self.val_rows, self.refs, self.eps, self.log_c, self.levels, self.generator, cfg.backend)
+        self.best_val, self.stale, self.val_history = math.inf, 0, []
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)
@@ -121,7 +135,10 @@ class Trainer:
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
                 "train_seconds": self.train_seconds, "eps_search": self.eps_scores,
-                "levels": None if self.levels is None else list(self.levels)}
+                "eps_model_search": self.eps_model_scores,
+                "levels": None if self.levels is None else list(self.levels),
+                "n_validation": 0 if self.val_rows is None else len(self.val_rows),
+                "validation": self.val_history}
 
     def save(self, path):
         save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
@@ -138,6 +155,7 @@ class Trainer:
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
         self.train_seconds = meta.get("train_seconds", 0.0)
         self.eps_scores = meta.get("eps_search")
+        self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
         try:
             self._build()
@@ -179,22 +197,69 @@ class Trainer:
             return self.refs
         return self.refs[torch.randperm(len(self.refs), generator=self.generator)[:self.cfg.max_refs]]
 
+    def validate(self):
+        """The validation loss of the EMA fields; True when training should stop (no 1%
+        improvement in `patience` validations). The best EMA weights so far are kept."""
+        loss = self.validation.loss(self.ema, self.cfg.id_weight)
+        self.val_history.append((self.step, loss))
+        if loss < 0.99 * self.best_val:  # losses are squared errors, never negative
+            self.best_val, self.stale = loss, 0
+            self.best_state = copy.deepcopy(self.ema.state_dict())
+        else:
+            self.stale += 1
+        return self.cfg.patience > 0 and self.stale >= self.cfg.patience
+
+    def choose_eps(self):
+        """With noise levels and validation rows: ε becomes the level, from ε_min up to 16 ε_min,
+        whose normalised learned density best predicts the validation rows. The rule-of-thumb or
+        KDE choice of ε_min can be sharper than the network can follow (sharp edges), and then
+        the model's mass leaks (NOTES.md)."""
+        if self.levels is None or self.val_rows is None or self.cfg.eps is not None:
+            return
+        eps_min, eps_max = self.levels
+        candidates = [eps_min * 2 ** (k / 2) for k in range(9) if eps_min * 2 ** (k / 2) < eps_max]
+        self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
+                                                     candidates, seed=self.cfg.seed)
+
+    def fit_report(self):
+        """Lines for the user about the fitted density: the chosen ε and a warning when its
+        normaliser is off by more than 10 % (mass leaking off the data)."""
+        if not self.eps_model_scores:
+            return []
+        eps, _, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        if not any(reliable(item[2], item[3]) for item in self.eps_model_scores):
+            return [f"ε = ε_min = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
+                    "so no level is chosen by likelihood"]
+        lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "
+                 f"validation rows; ε_min {self.levels[0]:.4g})"]
+        if reliable(z, se) and abs(z - 1) > 0.1:
+            lines.append(f"warning: the learned density integrates to {z:.3f} ± {se:.3f}, not 1; "
+                         "its likelihood is reported normalised, but samples may stray from the data")
+        return lines
+
     def run(self, checkpoint_path=None, on_step=None):
-        """Train to cfg.steps. Checkpoints every cfg.checkpoint_every steps, at the end, and on
-        Ctrl-C (then re-raises KeyboardInterrupt so the caller can exit)."""
+        """Train to cfg.steps, or until the validation loss stalls (then the best EMA weights
+        are kept). Checkpoints every cfg.checkpoint_every steps, at the end, and on Ctrl-C
+        (then re-raises KeyboardInterrupt so the caller can exit)."""
         start, previous = time.perf_counter(), self.train_seconds
+        self.stopped_early = False
         with _deferred_interrupt() as interrupted:
             while self.step < self.cfg.steps and not interrupted():
                 losses = self.train_step()
                 self.train_seconds = previous + time.perf_counter() - start
                 if on_step is not None:
                     on_step(self.step, losses, time.perf_counter() - start)
+                if self.validation is not None and self.step % self.cfg.eval_every == 0 and self.validate():
+                    self.stopped_early = True
+                    self.ema.load_state_dict(self.best_state)
+                    break
                 if checkpoint_path and self.step % self.cfg.checkpoint_every == 0:
                     self.save(checkpoint_path)
         if interrupted():
             if checkpoint_path:
                 self.save(checkpoint_path)
             raise KeyboardInterrupt
+        self.choose_eps()
         if checkpoint_path:
             self.save(checkpoint_path)
         return time.perf_counter() - start

@@ -65,7 +65,8 @@ def test_checkpoint_round_trip_gives_identical_fields(tmp_path, mixture_small):
     trainer.run(str(tmp_path / "m.safetensors"))
     model = TrainedModel.load(tmp_path / "m.safetensors")
     x = torch.randn(64, 2)
-    s1, g1 = trainer.ema.fields_batched(x)
+    assert model.eps == trainer.eps
+    s1, g1 = trainer.ema.fields_batched(x, eps=trainer.eps)
     s2, g2 = model.fields(x)
     assert torch.equal(s1, s2) and torch.equal(g1, g2)
     _, meta = read_checkpoint(tmp_path / "m.safetensors")
