@@ -7,6 +7,7 @@ import torch
 
 from bdiff.checkpoint import read_checkpoint, split_state
 from bdiff.data import Standardizer
+from bdiff.density import log_density_std
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.sampler import default_sample_config, sample
@@ -41,9 +42,13 @@ class TrainedModel:
         net.to(device).eval().requires_grad_(False)
         return cls(net, eps, log_c, standardizer, meta)
 
+    @property
+    def exact_log(self):
+        return self.fields_net.param == "log"
+
     def fields(self, x_std):
         """(s, g) at standardised points (torch)."""
-        return self.fields_net.fields_batched(x_std)
+        return self.fields_net.fields_batched(x_std, eps=self.eps)
 
     @property
     def levels(self):
@@ -53,7 +58,7 @@ class TrainedModel:
     def log_fields(self, x_std, eps=None):
         """(log s, ∇log s) at standardised points, without underflow for log-domain models;
         at noise level ε for a level-conditioned model (None: the model's own ε)."""
-        return self.fields_net.fields_batched(x_std, log=True, eps=eps)
+        return self.fields_net.fields_batched(x_std, log=True, eps=self.eps if eps is None else eps)
 
     def sample_config(self, **overrides):
         """The measured sampler defaults for this kind of model, overridden where not None."""
@@ -61,27 +66,22 @@ class TrainedModel:
 
     def sample(self, n, cfg, on_batch=None):
         """n samples in standardised units and the sampler's report."""
-        log_fields = self.log_fields if self.fields_net.param == "log" else None
-        return sample(self.fields, self.dim, self.eps, n, cfg, self._device(), on_batch,
-                      log_fields_fn=log_fields, levels=self.levels)
+        return sample(self, n, cfg, self._device(), on_batch)
 
     def check_dim(self, values, what):
         if values.shape[1] != self.dim:
             raise BdiffError(f"{what} has {values.shape[1]} dimensions but the model was trained "
                              f"on {self.dim}")
 
-    def log_density(self, values):
-        """Log of the normalised density at points in data units, from s and the stored log C.
+    def log_density_std(self, x_std):
+        """log p̂ at standardised points (float64); see density.log_density_std."""
+        return log_density_std(self.fields_net, x_std.to(self._device()), self.eps, self.log_c).cpu()
 
-        s ≈ exp(log ŝ - log C) with ŝ = (2πε)^{D/2} p_ε in standardised units, so
-        p̂ = s · C / (2πε)^{D/2} / Π std. Points where s ≤ 0 get -inf.
-        """
+    def log_density(self, values):
+        """Log of the density at points in data units (numpy)."""
         self.check_dim(values, "the data")
-        x = torch.from_numpy(self.standardizer.forward(values)).to(self._device())
-        log_s, _ = self.fields_net.fields_batched(x, log=True)
-        log_s = log_s.double().cpu().numpy()
-        return (log_s + self.log_c - 0.5 * self.dim * math.log(2 * math.pi * self.eps)
-                - np.log(self.standardizer.std).sum())
+        x = torch.from_numpy(self.standardizer.forward(values))
+        return self.log_density_std(x).numpy() - np.log(self.standardizer.std).sum()
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

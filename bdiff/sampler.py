@@ -1,11 +1,19 @@
-"""Sampling with the Bellman SDE dx = ∇p dt + sqrt(p) dW or its preconditioned variant.
+"""Samplers over one fields interface (docs/design.md §3).
 
-Particles start from the standardised data's Gaussian or from importance resampling of a
-broad proposal with weights s/q (possible because s is a density, not a score), then
-take Euler-Maruyama steps whose size follows the field scale (SPEC §1.3).
+A fields source has `dim`, `eps`, `levels` ((ε_min, ε_max) or None), `exact_log` (True when
+its log fields are its own outputs, not logs of possibly negative linear fields),
+`fields(x)` → (s, g) and `log_fields(x, eps=None)` → (log s, ∇log s) at ε or at any level;
+optionally `fused_step(x, s_floor, h, seed, step, offset, delta)`, one launch that evaluates
+the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg, plan)` →
+(x, report) plus its entry in SAMPLERS.
 
-Level-conditioned models (fields of p_ε for ε from ε_max down to the model's ε) can also be
-sampled by annealing: start from the broad p_εmax and follow p_ε down the ladder of levels.
+- bellman / precond: Euler–Maruyama steps of the paper's SDE dx = ∇p dt + sqrt(p) dW or its
+  preconditioned variant, from importance resampling of a broad proposal with weights s/q
+  (possible because s is a density) or a Gaussian start.
+- anneal: down a ladder of noise levels from the broad p_εmax to p_ε.
+- smc: the same ladder as a sequential Monte Carlo sampler, weighted with the learned log s
+  at consecutive levels, resampled when the effective sample size drops, then Metropolis-
+  adjusted Langevin moves at ε that accept with the learned density.
 """
 import math
 from dataclasses import dataclass
@@ -14,9 +22,7 @@ import torch
 
 from bdiff.backend import field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
-from bdiff.fields import log_view
 
-SAMPLERS = ("bellman", "precond", "anneal")
 INITS = ("importance", "gaussian")
 
 
@@ -33,6 +39,8 @@ class SampleConfig:
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
     denoise: bool = False     # end with x + ε ∇log s (Tweedie): removes the N(0, εI) blur of p_ε
+    mala_steps: int = 10      # smc: Metropolis-adjusted moves at ε after the last resampling
+    ess_frac: float = 0.5     # smc: resample when the effective sample size falls below this share
     batch_size: int = 10_000
     seed: int = 0
     backend: str = None
@@ -46,18 +54,17 @@ class SampleConfig:
             raise BdiffError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1:
             raise BdiffError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.sampler == "anneal" and self.init != "gaussian":
-            raise BdiffError("the anneal sampler starts from its broadest level's Gaussian; "
+        if SAMPLERS[self.sampler].needs_levels and self.init != "gaussian":
+            raise BdiffError(f"the {self.sampler} sampler starts from its broadest level's Gaussian; "
                              "--init importance does not apply to it")
 
 
 def default_sample_config(param, leveled=False, **overrides):
-    """Measured defaults (NOTES.md). Low-D linear fields: the paper's SDE from the importance
-    start. Log-domain fields (high D): s spans hundreds of nats, so importance weights from a
-    broad Gaussian degenerate, a floor relative to it kills every particle, and the paper's SDE
-    stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from the Gaussian works,
-    and annealing through noise levels, where the model has them, works far better (digits
-    FD 5.8 against 42-89): local dynamics at one small ε weigh each bump of p_ε by its basin."""
+    """Measured defaults (NOTES.md). Models with noise levels: annealing down the levels (local
+    dynamics at one small ε weigh each bump of p_ε by its basin, not its mass). Log fields
+    without levels: s spans hundreds of nats, so importance weights degenerate and the paper's
+    SDE stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from a Gaussian works.
+    Linear fields: the paper's SDE from the importance start."""
     if leveled:
         base = dict(sampler="anneal", init="gaussian", steps=200, floor_rel=0.0, delta_rel=0.0)
     elif param == "log":
@@ -65,58 +72,70 @@ def default_sample_config(param, leveled=False, **overrides):
     else:
         base = {}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if base.get("sampler") == "anneal" and overrides.get("init") is None:
-        base["init"] = "gaussian"  # the only start annealing has
+    chosen = SAMPLERS.get(base.get("sampler"))
+    if chosen is not None and chosen.needs_levels and overrides.get("init") is None:
+        base["init"] = "gaussian"  # the only start a ladder of levels has
     return SampleConfig(**base)
 
 
 class OracleFields:
-    """The exact smoothed fields of SPEC §1.1 against a reference set: a network-free sampler
-    whose stationary law is known (data + N(0, εI))."""
+    """The exact smoothed fields against a reference set (docs/design.md §1.1): a network-free
+    fields source whose law is known (data + N(0, εI)); with levels, p_ε at any ε."""
 
-    def __init__(self, refs, eps, log_c=0.0, backend=None):
-        self.refs, self.eps, self.log_c, self.backend = refs, eps, log_c, backend
+    exact_log = True
 
-    def __call__(self, x):
+    def __init__(self, refs, eps, log_c=0.0, backend=None, levels=None):
+        self.refs, self.eps, self.log_c, self.backend, self.levels = refs, eps, log_c, backend, levels
+        self.dim = refs.shape[1]
+
+    def fields(self, x):
         lse, mean = field_matching(x, self.refs, self.eps, None, self.backend)
         s = torch.exp(lse - self.log_c)
         return s, s.unsqueeze(1) * mean
 
     def log_fields(self, x, eps=None):
-        """(log s, ∇log s) of p_ε, at the oracle's own ε or any other (the annealed sampler)."""
         lse, mean = field_matching(x, self.refs, self.eps if eps is None else eps, None, self.backend)
         return lse - self.log_c, mean
 
+    def fused_step(self, x, s_floor, h, seed, step, offset, delta):
+        return oracle_sde_step(x, self.refs, self.eps, self.log_c, s_floor, h, seed, step, offset,
+                               delta, self.backend)
 
-def linear_to_log(fields_fn):
-    """(log s, ∇log s) from a function returning (s, g)."""
-    return lambda x: log_view(*fields_fn(x))
+
+@dataclass
+class Plan:
+    """What every batch of one sampling run shares: the field scale, floor and step size."""
+    log_floor: float          # log s at or below this counts as zero (-inf: no floor)
+    h: float = None           # SDE step
+    log_delta: float = None   # precond: log δ (-inf: the Langevin limit)
+    offset: int = 0           # index of the batch's first particle (noise streams)
 
 
-def field_scale(fields_fn, log_fields_fn, dim, cfg, device):
+def field_scale(fields, cfg, device):
     """(log of max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
     generator = torch.Generator().manual_seed(cfg.seed + 7_777)
-    probe = (torch.randn(8192, dim, generator=generator) * cfg.proposal_std).to(device)
-    log_s, _ = log_fields_fn(probe)
-    _, g = fields_fn(probe)
-    log_s_max, g_scale = float(log_s.max()), float(torch.quantile(g.norm(dim=1).float(), 0.99))
+    probe = (torch.randn(8192, fields.dim, generator=generator) * cfg.proposal_std).to(device)
+    log_s, score = fields.log_fields(probe)
+    g_norm = (score * torch.exp(log_s - log_s.max()).unsqueeze(1)).norm(dim=1)
+    log_s_max = float(log_s.max())
+    g_scale = float(torch.quantile(g_norm.float(), 0.99)) * math.exp(min(log_s_max, 80.0))
     if not (math.isfinite(log_s_max) and math.isfinite(g_scale)):
         raise BdiffError("the scalar field is not positive anywhere near the data: "
                          "the model is untrained or broken")
     return log_s_max, max(g_scale, 1e-12)
 
 
-def _initial(log_fields_fn, n, dim, cfg, log_floor, generator, device, levels=None):
-    if cfg.sampler == "anneal":  # p_εmax ≈ the data's Gaussian widened by ε_max
-        std = math.sqrt(cfg.proposal_std ** 2 + levels[1])
-        return (torch.randn(n, dim, generator=generator) * std).to(device)
+def _start(fields, n, cfg, plan, generator, device):
+    if SAMPLERS[cfg.sampler].needs_levels:  # p_εmax ≈ the data's Gaussian widened by ε_max
+        std = math.sqrt(cfg.proposal_std ** 2 + fields.levels[1])
+        return (torch.randn(n, fields.dim, generator=generator) * std).to(device)
     if cfg.init == "gaussian":
-        return (torch.randn(n, dim, generator=generator) * cfg.proposal_std).to(device)
-    candidates = torch.randn(n * cfg.oversample, dim, generator=generator) * cfg.proposal_std
+        return (torch.randn(n, fields.dim, generator=generator) * cfg.proposal_std).to(device)
+    candidates = torch.randn(n * cfg.oversample, fields.dim, generator=generator) * cfg.proposal_std
     candidates = candidates.to(device)
-    log_s, _ = log_fields_fn(candidates)
+    log_s, _ = fields.log_fields(candidates)
     log_q = -0.5 * (candidates / cfg.proposal_std).pow(2).sum(1)
-    log_w = torch.where(log_s > log_floor, log_s - log_q, -math.inf)
+    log_w = torch.where(log_s > plan.log_floor, log_s - log_q, -math.inf)
     if not torch.isfinite(log_w).any():
         raise BdiffError("importance start found no candidate with positive density")
     weights = torch.softmax(log_w.double().cpu(), 0)
@@ -129,83 +148,172 @@ def _initial(log_fields_fn, n, dim, cfg, log_floor, generator, device, levels=No
 MAX_LOG_RATIO = 30.0
 
 
-def _advance(fields_fn, log_fields_fn, x, log_floor, h, seed, step, offset, log_delta, backend):
-    s_floor = math.exp(log_floor) if log_floor > -700 else 0.0
-    delta = None if log_delta is None else max(math.exp(log_delta), 1e-30)
-    langevin_limit = log_delta is not None and log_delta < -700  # δ underflows: use log fields
-    if isinstance(fields_fn, OracleFields) and not langevin_limit:  # one launch where possible
-        return oracle_sde_step(x, fields_fn.refs, fields_fn.eps, fields_fn.log_c, s_floor, h, seed,
-                               step, offset, delta, fields_fn.backend)
-    if log_delta is not None and log_fields_fn is not None:
+def _sde_step(fields, x, cfg, plan, step):
+    """One step of the Bellman (plan.log_delta None) or preconditioned SDE."""
+    s_floor = math.exp(min(plan.log_floor, 700.0))
+    delta = None if plan.log_delta is None else max(math.exp(min(plan.log_delta, 700.0)), 1e-30)
+    langevin_limit = plan.log_delta == -math.inf
+    fused = getattr(fields, "fused_step", None)
+    if fused is not None and not langevin_limit:  # one launch where the source has one
+        return fused(x, s_floor, plan.h, cfg.seed, step, plan.offset, delta)
+    if delta is not None and fields.exact_log:
         # the same step from (log s, ∇log s): exact where s spans hundreds of nats (high D)
-        log_s, score = log_fields_fn(x)
-        alive = log_s > log_floor
-        ratio = torch.exp(torch.where(alive, log_s - log_delta, torch.full_like(log_s, -math.inf))
+        log_s, score = fields.log_fields(x)
+        alive = log_s > plan.log_floor
+        ratio = torch.exp(torch.where(alive, log_s - plan.log_delta, torch.full_like(log_s, -math.inf))
                           .clamp_max(MAX_LOG_RATIO))
-        return sde_step(x, ratio, ratio.unsqueeze(1) * score, h, seed, step, offset, 1.0, backend)
-    s, g = fields_fn(x)
+        return sde_step(x, ratio, ratio.unsqueeze(1) * score, plan.h, cfg.seed, step, plan.offset, 1.0,
+                        cfg.backend)
+    s, g = fields.fields(x)
     # below the floor the density counts as zero, and so does its gradient: a spurious g there
     # divided by a tiny s + δ would throw preconditioned particles far away
     alive = s > s_floor
     s = torch.where(alive, s, torch.zeros_like(s))
     g = torch.where(alive.unsqueeze(1), g, torch.zeros_like(g))
-    return sde_step(x, s, g, h, seed, step, offset, delta, backend)
+    return sde_step(x, s, g, plan.h, cfg.seed, step, plan.offset, delta, cfg.backend)
 
 
-def anneal(log_fields_fn, x, levels, cfg, offset):
-    """Down a geometric ladder of cfg.steps levels from ε_max to ε_min, each step the
-    reverse-time move from p_hi to p_lo = p_hi deconvolved by N(0, (hi - lo) I):
-    x += (hi - lo) ∇log p_hi(x) + sqrt(hi - lo) ξ, which is the plain Bellman step with s ≡ 1."""
-    ladder = torch.logspace(math.log10(levels[1]), math.log10(levels[0]), cfg.steps + 1,
-                            dtype=torch.float64).tolist()
+def run_sde(fields, x, cfg, plan, generator):
+    for step in range(cfg.steps):
+        x = _sde_step(fields, x, cfg, plan, step)
+    return x, {}
+
+
+def level_ladder(levels, steps, eps):
+    """A geometric ladder of `steps` + 1 noise levels from ε_max down to ε."""
+    return torch.logspace(math.log10(levels[1]), math.log10(eps), steps + 1, dtype=torch.float64).tolist()
+
+
+def run_anneal(fields, x, cfg, plan, generator):
+    """Down the ladder, each step the reverse-time move from p_hi to p_lo = p_hi deconvolved by
+    N(0, (hi - lo) I): x += (hi - lo) ∇log p_hi(x) + sqrt(hi - lo) ξ, the plain Bellman step
+    with s ≡ 1."""
     unit = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    ladder = level_ladder(fields.levels, cfg.steps, fields.eps)
     for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
-        _, score = log_fields_fn(x, hi)
-        x = sde_step(x, unit, score, hi - lo, cfg.seed, step, offset, None, cfg.backend)
-    return x
+        _, score = fields.log_fields(x, hi)
+        x = sde_step(x, unit, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
+    return x, {}
 
 
-def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_fn=None, levels=None):
-    """n samples in standardised units and a report (step size, low-density share).
+def _resample(log_w, generator):
+    """Systematic resampling: indices drawn in proportion to exp(log_w)."""
+    weights = torch.softmax(log_w.double().cpu(), 0)
+    n = len(weights)
+    positions = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n)) / n
+    return torch.searchsorted(weights.cumsum(0), positions).clamp_max(n - 1)
 
-    fields_fn gives (s, g); log_fields_fn, where the model has it, gives (log s, ∇log s)
-    without underflow and is then used for the start, the preconditioned step and denoising.
-    levels=(ε_min, ε_max): log_fields_fn(x, ε) gives the fields of p_ε in that range, which
-    the anneal sampler needs.
-    """
-    if cfg.sampler == "anneal" and (levels is None or log_fields_fn is None):
-        raise BdiffError("the anneal sampler needs a model trained with noise levels "
-                         "(bdiff fit --eps-max, automatic for log fields)")
+
+def _ess(log_w):
+    w = torch.softmax(log_w.double(), 0)
+    return float(1.0 / (w * w).sum())
+
+
+def run_smc(fields, x, cfg, plan, generator):
+    """Annealing as an SMC sampler (docs/design.md §3.2). Moving x → x' from level hi to lo with
+    the annealing proposal q(x'|x) = N(x + Δ∇log p_hi(x), ΔI) and the backward kernel
+    N(x; x', ΔI) gives the weight p_lo(x') N(x; x', Δ) / (p_hi(x) q(x'|x)); with x' - x =
+    Δ score + sqrt(Δ)ξ the kernel ratio is exp(-Δ‖score‖²/2 - sqrt(Δ) score·ξ). Each level's
+    log s is evaluated once, at the step that leaves it."""
+    device = x.device
+    ladder = level_ladder(fields.levels, cfg.steps, fields.eps)
+    log_s, score = fields.log_fields(x, ladder[0])
+    start_var = cfg.proposal_std ** 2 + fields.levels[1]
+    log_w = (log_s + 0.5 * x.pow(2).sum(1) / start_var).double()  # p_εmax over the start's N(0, start_var)
+    resamples, min_ess = 0, 1.0
+    for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
+        ess = _ess(log_w) / len(x)
+        min_ess = min(min_ess, ess)
+        if ess < cfg.ess_frac:
+            picks = _resample(log_w, generator).to(device)
+            x, log_s, score = x[picks], log_s[picks], score[picks]
+            log_w = torch.zeros_like(log_w)
+            resamples += 1
+        delta = hi - lo
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        log_w = log_w + (-0.5 * delta * score.pow(2).sum(1) - math.sqrt(delta) * (score * noise).sum(1)
+                         - log_s).double()
+        x = x + delta * score + math.sqrt(delta) * noise
+        log_s, score = fields.log_fields(x, lo)
+        log_w = log_w + log_s.double()
+    final_ess = _ess(log_w) / len(x)
+    picks = _resample(log_w, generator).to(device)
+    x, log_s, score = x[picks], log_s[picks], score[picks]
+    x, acceptance = mala(fields, x, log_s, score, cfg.mala_steps, fields.eps, generator)
+    return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess,
+               "mala_acceptance": acceptance}
+
+
+def mala(fields, x, log_s, score, steps, eps, generator, step_frac=0.5):
+    """Metropolis-adjusted Langevin moves targeting s at ε: the proposal uses the learned score,
+    the acceptance the learned log s, so a score that disagrees with log s only lowers the
+    acceptance rate. Returns x and the mean acceptance rate."""
+    h = step_frac * eps
+    accepted = 0.0
+    for _ in range(steps):
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        proposal = x + h * score + math.sqrt(2 * h) * noise
+        log_s_new, score_new = fields.log_fields(proposal, eps)
+        forward = (proposal - x - h * score).pow(2).sum(1)
+        backward = (x - proposal - h * score_new).pow(2).sum(1)
+        log_ratio = log_s_new - log_s + (forward - backward) / (4 * h)
+        accept = torch.rand(len(x), generator=generator).log().to(x.device) < log_ratio
+        x = torch.where(accept.unsqueeze(1), proposal, x)
+        log_s = torch.where(accept, log_s_new, log_s)
+        score = torch.where(accept.unsqueeze(1), score_new, score)
+        accepted += float(accept.float().mean())
+    return x, accepted / steps if steps else None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    run: object
+    needs_levels: bool = False
+
+
+SAMPLERS = {
+    "bellman": Sampler(run_sde),
+    "precond": Sampler(run_sde),
+    "anneal": Sampler(run_anneal, needs_levels=True),
+    "smc": Sampler(run_smc, needs_levels=True),
+}
+
+
+def _plan(fields, cfg, device):
+    log_s_max, g_scale = field_scale(fields, cfg, device)
+    log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
+    if cfg.sampler == "bellman":
+        return Plan(log_floor, h=cfg.step_frac * math.sqrt(fields.eps) / g_scale), log_s_max
+    if cfg.sampler == "precond":
+        # delta_rel = 0: the δ → 0 limit, Langevin dynamics on ∇log s
+        log_delta = math.log(cfg.delta_rel) + log_s_max if cfg.delta_rel > 0 else -math.inf
+        return Plan(log_floor, h=cfg.precond_step * fields.eps, log_delta=log_delta), log_s_max
+    return Plan(log_floor), log_s_max
+
+
+def sample(fields, n, cfg, device="cpu", on_batch=None):
+    """n samples in standardised units and a report (sampler, step size, low-density share, and
+    what the sampler adds: SMC's resamples and effective sample sizes)."""
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
-    exact_log = log_fields_fn is not None
-    log_fields_fn = log_fields_fn or linear_to_log(fields_fn)
-    log_s_max, g_scale = field_scale(fields_fn, log_fields_fn, dim, cfg, device)
-    log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
-    if cfg.sampler == "bellman":
-        h, log_delta = cfg.step_frac * math.sqrt(eps) / g_scale, None
-    elif cfg.sampler == "anneal":
-        h, log_delta = None, None
-    else:
-        # delta_rel = 0: the δ → 0 limit, Langevin dynamics on ∇log s
-        log_delta = math.log(cfg.delta_rel) + log_s_max if cfg.delta_rel > 0 else -math.inf
-        h = cfg.precond_step * eps
-    batches = []
+    chosen = SAMPLERS[cfg.sampler]
+    if chosen.needs_levels and fields.levels is None:
+        raise BdiffError(f"the {cfg.sampler} sampler needs a model trained with noise levels "
+                         "(bdiff fit --eps-max, automatic for log fields)")
+    plan, log_s_max = _plan(fields, cfg, device)
+    batches, extras = [], []
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
         generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
-        x = _initial(log_fields_fn, count, dim, cfg, log_floor, generator, device, levels)
-        if cfg.sampler == "anneal":
-            x = anneal(log_fields_fn, x, levels, cfg, start)
-        else:
-            for step in range(cfg.steps):
-                x = _advance(fields_fn, log_fields_fn if exact_log else None, x, log_floor, h,
-                             cfg.seed, step, start, log_delta, cfg.backend)
+        plan.offset = start
+        x = _start(fields, count, cfg, plan, generator, device)
+        x, extra = chosen.run(fields, x, cfg, plan, generator)
         if cfg.denoise:
-            log_s, score = log_fields_fn(x)
-            x = x + eps * torch.where((log_s > log_floor).unsqueeze(1), score, torch.zeros_like(score))
+            log_s, score = fields.log_fields(x)
+            x = x + fields.eps * torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
         batches.append(x)
+        extras.append(extra)
         if on_batch is not None:
             on_batch(start + count, n)
     x = torch.cat(batches)
@@ -213,9 +321,13 @@ def sample(fields_fn, dim, eps, n, cfg, device="cpu", on_batch=None, log_fields_
         bad = int((~torch.isfinite(x).all(1)).sum())
         raise BdiffError(f"{bad} particles left the finite range; try fewer --steps or another "
                          "--sampler")
-    log_s_end, _ = log_fields_fn(x)
-    report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": h,
+    log_s_end, _ = fields.log_fields(x)
+    report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": plan.h,
               "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
-              "levels": None if cfg.sampler != "anneal" else list(levels),
-              "low_density_share": float((log_s_end <= log_floor).float().mean())}
+              "levels": list(fields.levels) if chosen.needs_levels else None,
+              "low_density_share": float((log_s_end <= plan.log_floor).float().mean())}
+    for key in extras[0]:
+        values = [e[key] for e in extras if e[key] is not None]
+        report[key] = (min(values) if key.startswith("min") else sum(values) / len(values)) if values else None
     return x, report
+

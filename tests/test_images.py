@@ -70,8 +70,8 @@ def test_log_fields_agree_with_linear_view():
     log_s, score = model.log_fields(x)
     assert torch.allclose(s.log(), log_s, atol=1e-5)
     assert torch.allclose(g, s.unsqueeze(1) * score)
-    assert FieldModel(3, 8, 1).param == "linear" and FieldModel(3, 8, 1, param="auto").param == "linear"
-    assert FieldModel(12, 8, 1, param="auto").param == "log"
+    assert FieldModel(3, 8, 1, param="linear").param == "linear"
+    assert FieldModel(3, 8, 1, param="auto").param == "log" and FieldModel(12, 8, 1, param="auto").param == "log"
 
 
 def test_log_domain_model_learns_a_10d_gaussian(tmp_path):
@@ -91,6 +91,6 @@ def test_log_domain_model_learns_a_10d_gaussian(tmp_path):
     ours = model.log_density(heldout).mean()
     assert np.isfinite(ours) and abs(ours - true) < 1.0, (ours, true)
     cfg = default_sample_config("log", steps=150)
-    x, report = sample(model.fields, dim, model.eps, 2000, cfg, log_fields_fn=model.log_fields)
+    x, report = sample(model, 2000, cfg)
     spread = model.standardizer.inverse(x.numpy()).std(0).mean()
     assert 0.8 < spread < 1.4 and report["low_density_share"] == 0.0

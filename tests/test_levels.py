@@ -28,15 +28,13 @@ def test_annealing_with_exact_fields_recovers_unbalanced_weights():
     smallest ε alone splits them by basin (the weakness annealing removes)."""
     refs, eps = _two_clusters(), 0.02
     levels = noise_levels(refs, eps, "log")
-    oracle = OracleFields(refs, eps)
-    x, report = sample(oracle, refs.shape[1], eps, 2000, default_sample_config("log", True, steps=100),
-                       log_fields_fn=oracle.log_fields, levels=levels)
+    oracle = OracleFields(refs, eps, levels=levels)
+    x, report = sample(oracle, 2000, default_sample_config("log", True, steps=100))
     assert report["sampler"] == "anneal" and report["levels"] == list(levels)
     assert (x[:, 0] > 0).float().mean().item() == pytest.approx(0.2, abs=0.03)
     # the stationary law data + N(0, εI): unit variance plus ε across the cluster
     assert x[:, 1:].var().item() == pytest.approx(1 + eps, abs=0.08)
-    x, _ = sample(oracle, refs.shape[1], eps, 2000, default_sample_config("log", steps=300),
-                  log_fields_fn=oracle.log_fields)
+    x, _ = sample(OracleFields(refs, eps), 2000, default_sample_config("log", steps=300))
     assert (x[:, 0] > 0).float().mean().item() < 0.18
 
 
@@ -94,9 +92,8 @@ def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
     values = model.standardizer.inverse(x.numpy())
     # against the same sampler on the exact fields of the same ε: the split between the
     # clusters and the spread across them (Langevin at ε alone gives 1.32 here, not 1 + ε)
-    oracle = OracleFields(torch.from_numpy(data), model.eps)
-    exact, _ = sample(oracle, 16, model.eps, 2000, cfg, log_fields_fn=oracle.log_fields,
-                      levels=model.levels)
+    oracle = OracleFields(torch.from_numpy(model.standardizer.forward(data)), model.eps, levels=model.levels)
+    exact, _ = sample(oracle, 2000, cfg)
     midpoint = 0.5 * (data[data[:, 0] < 0, 0].mean() + data[data[:, 0] > 0, 0].mean())
     assert np.mean(values[:, 0] > midpoint) == pytest.approx(float((exact[:, 0] > midpoint).float().mean()), abs=0.05)
     assert values[:, 1:].var() == pytest.approx(1 + model.eps, abs=0.15)

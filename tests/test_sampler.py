@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bdiff.errors import BdiffError
+from bdiff.fields import log_view
 from bdiff.model import TrainedModel
 from bdiff.sampler import OracleFields, SampleConfig, sample
 
@@ -20,7 +21,7 @@ def test_stationary_law_is_kept(sampler):
     target = refs.var(unbiased=False).item() + eps
     cfg = SampleConfig(sampler=sampler, init="gaussian", proposal_std=float(np.sqrt(target)),
                        steps=500, floor_rel=1e-4, step_frac=0.05, precond_step=0.1)
-    x, report = sample(OracleFields(refs, eps), 1, eps, 3000, cfg)
+    x, report = sample(OracleFields(refs, eps), 3000, cfg)
     assert abs(x.mean().item()) < 0.08
     assert x.var().item() == pytest.approx(target, abs=0.08)
 
@@ -30,7 +31,7 @@ def test_importance_start_recovers_unbalanced_weights(sampler):
     g = torch.Generator().manual_seed(1)
     refs = torch.cat([torch.randn(2250, 1, generator=g) * 0.3 - 1.2,
                       torch.randn(750, 1, generator=g) * 0.3 + 1.2])
-    x, report = sample(OracleFields(refs, 0.02), 1, 0.02, 4000, SampleConfig(sampler=sampler, steps=50))
+    x, report = sample(OracleFields(refs, 0.02), 4000, SampleConfig(sampler=sampler, steps=50))
     share_right = (x > 0).float().mean().item()
     assert share_right == pytest.approx(0.25, abs=0.03)
     assert report["low_density_share"] < 0.02
@@ -40,26 +41,41 @@ def test_gaussian_start_with_bellman_sde_stalls_where_p_is_zero():
     """The known weakness the default avoids: particles far from the data do not move."""
     refs = torch.randn(2000, 1) * 0.1 + 3.0
     cfg = SampleConfig(init="gaussian", steps=50, proposal_std=1.0)
-    x, report = sample(OracleFields(refs, 0.01), 1, 0.01, 2000, cfg)
+    x, report = sample(OracleFields(refs, 0.01), 2000, cfg)
     assert report["low_density_share"] > 0.5
 
 
 def test_same_seed_same_samples(tiny_checkpoint):
     model = TrainedModel.load(tiny_checkpoint)
-    runs = [sample(model.fields, 2, model.eps, 500, SampleConfig(seed=s, steps=10))[0] for s in (3, 3, 4)]
+    runs = [sample(model, 500, model.sample_config(seed=s, steps=10))[0] for s in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
 def test_bad_sampler_settings(tiny_checkpoint):
     model = TrainedModel.load(tiny_checkpoint)
     for cfg, n in [(SampleConfig(sampler="euler"), 10), (SampleConfig(init="grid"), 10),
-                   (SampleConfig(steps=-1), 10), (SampleConfig(), 0), (SampleConfig(batch_size=0), 10)]:
+                   (SampleConfig(steps=-1), 10), (SampleConfig(), 0), (SampleConfig(batch_size=0), 10),
+                   (SampleConfig(sampler="smc", init="importance"), 10)]:
         with pytest.raises(BdiffError):
-            sample(model.fields, 2, model.eps, n, cfg)
+            sample(model, n, cfg)
 
 
 def test_untrained_field_is_reported():
-    def dead_fields(x):
-        return torch.zeros(len(x)), torch.zeros_like(x)
+    class DeadFields:
+        """Linear fields that are zero everywhere: no density to sample."""
+        dim, eps, levels, exact_log = 2, 0.1, None, False
+
+        def fields(self, x):
+            return torch.zeros(len(x)), torch.zeros_like(x)
+
+        def log_fields(self, x, eps=None):
+            return log_view(*self.fields(x))
+
     with pytest.raises(BdiffError, match="not positive"):
-        sample(dead_fields, 2, 0.1, 10, SampleConfig())
+        sample(DeadFields(), 10, SampleConfig())
+
+
+def test_levelled_samplers_refuse_a_model_without_levels():
+    refs = _gaussian_refs(200)
+    with pytest.raises(BdiffError, match="noise levels"):
+        sample(OracleFields(refs, 0.1), 10, SampleConfig(sampler="smc", init="gaussian"))
