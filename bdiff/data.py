@@ -179,7 +179,7 @@ def check_writable(path, extensions=None):
 def save_json(path, value):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as handle:
-            json.dump(value, handle, indent=1, default=str)
+            json.dump(value, handle, indent=1, default=str, allow_nan=False)
 
 
 class atomic_path:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from bdiff.backend import field_matching
+from bdiff.density import normaliser, reliable
 from bdiff.errors import BdiffError
 
 MMD_BANDWIDTH = 0.3  # Gaussian kernel width, in standardised units
@@ -101,19 +102,70 @@ def field_errors(model, law, reference_values):
             "field_error_g": float(np.sqrt(((gradient - true_grad) ** 2).sum() / (true_grad**2).sum()))}
 
 
-def held_out_loglik(model, values):
-    """Mean held-out log-likelihood of the normalised scalar field. Points where s is below
-    1e-6 of the largest held-out density are floored there (their share is reported);
-    `loglik_unfloored` is the plain mean (-inf where a linear s is not positive)."""
+def c2st(x, y, seed=0, folds=5):
+    """Classifier two-sample test: 5-fold cross-validated accuracy of a gradient-boosted tree
+    classifier told to separate x from y (0.5: indistinguishable, 1: fully separable). Uses
+    min(len(x), len(y)) rows of each, so both classes weigh the same; columns are z-scored."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import cross_val_score
+    rng = np.random.default_rng(seed)
+    n = min(len(x), len(y))
+    if n < 2 * folds:
+        return None
+    x, y = np.asarray(x)[rng.permutation(len(x))[:n]], np.asarray(y)[rng.permutation(len(y))[:n]]
+    features = np.concatenate([x, y]).astype(np.float64)
+    features = (features - features.mean(0)) / np.where(features.std(0) > 0, features.std(0), 1.0)
+    labels = np.r_[np.zeros(n), np.ones(n)]
+    classifier = HistGradientBoostingClassifier(max_iter=100, random_state=seed)
+    return float(cross_val_score(classifier, features, labels, cv=folds).mean())
+
+
+def median_bandwidth(x, y, probe=1000, seed=0):
+    """The median heuristic: median distance between pooled points (a subsample)."""
+    pooled = np.concatenate([x, y])
+    pick = np.random.default_rng(seed).permutation(len(pooled))[:probe]
+    distances = torch.pdist(_tensor(pooled[pick]))
+    return float(distances.median()) if len(distances) else 1.0
+
+
+def nearest_distance(x, reference, chunk=4096):
+    """Distance from each row of x to its nearest row of `reference`."""
+    x, reference = _tensor(x), _tensor(reference)
+    return torch.cat([torch.cdist(x[i:i + chunk], reference).min(1).values
+                      for i in range(0, len(x), chunk)]).double().numpy()
+
+
+def far_share(samples, reference, probe, quantile=0.999):
+    """Share of samples farther from every reference row than the data's own `quantile` of
+    nearest-neighbour distances (probe rows to the reference): samples on spurious bumps."""
+    threshold = np.quantile(nearest_distance(probe, reference), quantile)
+    return float((nearest_distance(samples, reference) > threshold).mean())
+
+
+def outside_range_share(samples, data, widen=0.1):
+    """Share of samples outside the data's per-column range widened by `widen` on each side."""
+    low, high = data.min(0), data.max(0)
+    pad = widen * (high - low)
+    return float((~np.all((samples >= low - pad) & (samples <= high + pad), axis=1)).mean())
+
+
+def held_out_loglik(model, values, rows_std):
+    """Held-out log-likelihood of the normalised density: mean log p̂ - log Z, Z = ∫ p̂ by
+    importance sampling (density.normaliser). None, with the reason in the other keys, where
+    p̂ ≤ 0 at some held-out row (a linear s can go negative) or where Z cannot be estimated
+    (relative standard error above 5%: high D); loglik_unnormalised is the plain mean then."""
     log_p = model.log_density(values)
-    floor = np.max(log_p) + math.log(1e-6)
-    return {"loglik": float(np.maximum(log_p, floor).mean()),
-            "loglik_floored_share": float((log_p < floor).mean()),
-            "loglik_unfloored": float(log_p.mean())}
+    z, z_se = normaliser(model.log_density_std, rows_std, model.eps)
+    nonpositive = float((~np.isfinite(log_p)).mean())
+    known = reliable(z, z_se)
+    return {"loglik": float(log_p.mean() - math.log(z)) if known and nonpositive == 0 else None,
+            "loglik_unnormalised": float(log_p.mean()) if nonpositive == 0 else None,
+            "normaliser": z, "normaliser_se": z_se, "normaliser_reliable": known,
+            "density_nonpositive_share": nonpositive}
 
 
 def split_heldout(values, seed=0):
-    """Two disjoint halves: A to compare against, B to build the ideal reference from."""
+    """Two disjoint halves: A to compare against, B, fresh rows of the data, as the reference."""
     if len(values) < 4:
         raise BdiffError("held-out data needs at least 4 rows to evaluate against")
     order = np.random.default_rng(seed).permutation(len(values))
@@ -121,37 +173,76 @@ def split_heldout(values, seed=0):
     return values[order[:half]], values[order[half:2 * half]]
 
 
-def sample_metrics(samples_std, reference_std, bandwidth=MMD_BANDWIDTH):
-    return {"mmd": mmd(samples_std, reference_std, bandwidth),
-            "sliced_wasserstein": sliced_wasserstein(samples_std, reference_std),
-            "energy_distance": energy_distance(samples_std, reference_std)}
+def sample_metrics(x_std, reference_std, bandwidth, seed=0):
+    return {"c2st": c2st(x_std, reference_std, seed),
+            "mmd": mmd(x_std, reference_std, MMD_BANDWIDTH),
+            "mmd_median": mmd(x_std, reference_std, bandwidth),
+            "sliced_wasserstein": sliced_wasserstein(x_std, reference_std),
+            "energy_distance": energy_distance(x_std, reference_std)}
 
 
-def evaluate(model, heldout, samples, law=None, seed=0):
-    """All metrics as a flat dict. `samples` and `heldout` are in data units; distances are
-    computed in the model's standardised units. The ideal reference is held-out half B plus
-    N(0, εI) noise, compared against half A exactly as the model's samples are."""
+def evaluate(model, heldout, samples, train=None, law=None, seed=0):
+    """All metrics as a flat dict (docs/design.md §4). `samples`, `heldout` and `train` are in
+    data units; distances are computed in the model's standardised units.
+
+    Every sample is compared with held-out half A. The reference row (`*_ideal`) is what a
+    perfect sampler gets: held-out half B, fresh rows of the data itself, compared with A in the
+    same way (C2ST on the same number of rows). `*_smoothed_ideal` is half B plus N(0, εI), a
+    perfect sampler of p_ε: the gap between the two is the blur of sampling p_ε."""
     model.check_dim(heldout, "the held-out data")
     model.check_dim(samples, "the samples")
     half_a, half_b = split_heldout(heldout, seed)
     rng = np.random.default_rng(seed + 1)
     to_std = model.standardizer.forward
-    a_std = to_std(half_a)
-    ideal_std = to_std(half_b) + rng.normal(size=half_b.shape).astype(np.float32) * math.sqrt(model.eps)
-    picked = samples[rng.permutation(len(samples))[:len(half_b)]]
-    result = sample_metrics(to_std(picked), a_std)
-    result.update({f"{k}_ideal": v for k, v in sample_metrics(ideal_std, a_std).items()})
-    result.update(held_out_loglik(model, heldout))
-    result["n_samples"], result["n_heldout"] = len(picked), len(heldout)
+    a_std, b_std, x_std = to_std(half_a), to_std(half_b), to_std(samples)
+    bandwidth = median_bandwidth(a_std, b_std, seed=seed)
+    result = sample_metrics(x_std, a_std, bandwidth, seed)
+    result.update({f"{k}_ideal": v for k, v in sample_metrics(b_std, a_std, bandwidth, seed).items()})
+    smoothed = b_std + rng.normal(size=b_std.shape).astype(np.float32) * math.sqrt(model.eps)
+    result.update({f"{k}_smoothed_ideal": v for k, v in sample_metrics(smoothed, a_std, bandwidth, seed).items()
+                   if k in ("c2st", "mmd")})
+    result["mmd_median_bandwidth"] = bandwidth
+    rows = train if train is not None else half_b
+    result.update(held_out_loglik(model, heldout, to_std(rows)))
+    probe = half_a if train is not None else half_a[: len(half_a) // 2]
+    reference = train if train is not None else half_a[len(half_a) // 2:]
+    result["far_share"] = far_share(x_std, to_std(reference), to_std(probe))
+    known = heldout if train is None else np.concatenate([heldout, train])
+    result["outside_range_share"] = outside_range_share(samples, known)
+    result["n_samples"], result["n_heldout"] = len(samples), len(heldout)
+    result["c2st_rows"] = min(len(samples), len(half_a))
     if law is not None:
-        noise_var = model.eps * model.standardizer.std**2
-        result["loglik_true"] = float(np.log(law.smoothed_density(heldout.astype(np.float64), noise_var)).mean())
+        result["loglik_true"] = float(np.log(law.smoothed_density(heldout.astype(np.float64),
+                                                                  np.zeros(heldout.shape[1]))).mean())
         if heldout.shape[1] <= 2:
             result.update(field_errors(model, law, heldout))
         if hasattr(law, "component") and law.weights is not None and len(law.weights) <= 8:
             result["mode_weight_error"] = mode_weight_error(law, samples)
-            result["mode_weight_error_ideal"] = mode_weight_error(law, model.standardizer.inverse(ideal_std))
-        if hasattr(law, "outside_share") and heldout.shape[1] == 1:
-            margin = 2 * math.sqrt(model.eps) * model.standardizer.std
-            result["outside_share"] = law.outside_share(samples, margin)
+            result["mode_weight_error_ideal"] = mode_weight_error(law, half_b)
     return result
+
+
+def quality_warnings(metrics):
+    """One line per sign that the model is wrong in a way the averages hide."""
+    lines = []
+    z, se = metrics.get("normaliser"), metrics.get("normaliser_se")
+    if metrics.get("normaliser_reliable") and abs(z - 1) > 0.1:
+        lines.append(f"the density integrates to {z:.3f} ± {se:.3f}, not 1")
+    if metrics.get("density_nonpositive_share"):
+        lines.append(f"the density is ≤ 0 at {metrics['density_nonpositive_share']:.1%} of the held-out rows")
+    if metrics.get("far_share", 0) > 0.01:
+        lines.append(f"{metrics['far_share']:.1%} of the samples are far from all data")
+    return lines
+
+
+def json_safe(metrics):
+    """Non-finite numbers become null, listed under `nonfinite`: strict JSON has no NaN or inf."""
+    clean, bad = {}, []
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[key] = None
+            bad.append(key)
+        else:
+            clean[key] = value
+    clean["nonfinite"] = bad
+    return clean

@@ -79,16 +79,19 @@ def fit(
                                "wine, breast_cancer."),
     output: Path = typer.Option(DEFAULT_CHECKPOINT, "-o", "--output", help="Checkpoint to write."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
-    steps: int = typer.Option(5000, help="Training steps."),
+    steps: int = typer.Option(3000, help="Most training steps; training stops earlier when the loss "
+                              "on 10% of the rows kept out stops improving."),
     batch_size: int = typer.Option(1024, help="Query points per step."),
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
                                         "units). Default: from --eps-rule."),
-    eps_rule: str = typer.Option("auto", help="How ε is chosen when --eps is not given: "
-                                 "silverman, scott, heldout (best likelihood of p_ε on 20% of "
-                                 "the training rows), or auto (heldout for log fields, else silverman)."),
-    param: str = typer.Option("auto", help="Field outputs: linear (s, g), log (log s, ∇log s; "
-                              "keeps s finite in high D) or auto (log above 8-D)."),
+    eps_rule: str = typer.Option("auto", help="How the smallest noise level ε_min is chosen when "
+                                 "--eps is not given: silverman, scott, heldout (best likelihood of "
+                                 "p_ε on 20% of the training rows), or auto (heldout). The model's ε "
+                                 "is then the level whose learned density best predicts the rows "
+                                 "kept out."),
+    param: str = typer.Option("auto", help="Field outputs: linear (s, g, the paper's), log (log s, "
+                              "∇log s: positive, finite in high D) or auto (log)."),
     eps_max: Optional[float] = typer.Option(None, help="Also learn the fields of p_ε for ε up to "
                                             "this, for the anneal sampler (log fields only). "
                                             "Default: twice the data's total variance for log "
@@ -125,6 +128,7 @@ def fit(
         raise BdiffError(f"--resume: no checkpoint at {output}")
     if checkpoint_every < 1:
         raise BdiffError("--checkpoint-every must be >= 1")
+    _check_output(output, (".safetensors",))  # before any work: a bad path must not cost a fit
     _threads()
     loaded = load_data(data, key=key)
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
@@ -143,20 +147,42 @@ def fit(
     with _progress() as progress:
         task = progress.add_task("fit", total=trainer.cfg.steps, completed=trainer.step, info="")
         first = trainer.step
+        plain = _PlainProgress(progress, "fit")
 
         def on_step(step, losses, elapsed):
             if step % 10 == 0 or step == trainer.cfg.steps:
                 rate = (step - first) / max(elapsed, 1e-9)
-                progress.update(task, completed=step,
-                                info=f"loss {losses[0]:.3e}  {rate:.0f} steps/s")
+                info = f"loss {losses[0]:.3e}  {rate:.0f} steps/s"
+                progress.update(task, completed=step, info=info)
+                plain.report(f"step {step}/{trainer.cfg.steps}  {info}")
 
         try:
             seconds = trainer.run(output, on_step)
         except KeyboardInterrupt:
-            err.print(f"interrupted at step {trainer.step}; checkpoint saved to {output}. "
-                      f"Continue with: bdiff fit {data} -o {output} --resume")
+            err.print(f"interrupted at step {trainer.step}; checkpoint saved to {escape(str(output))}. "
+                      f"Continue with: bdiff fit {escape(str(data))} -o {escape(str(output))} --resume")
             raise typer.Exit(130)
-    out.print(f"wrote {output} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
+    if trainer.stopped_early:
+        err.print(f"stopped at step {trainer.step}: the validation loss stopped improving", highlight=False)
+    for line in trainer.fit_report():
+        err.print(line, highlight=False)
+    out.print(f"wrote {escape(str(output))} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
+
+
+class _PlainProgress:
+    """One plain line every few seconds when stderr is not a terminal (a pipe or a log file),
+    where the rich bar draws nothing."""
+
+    def __init__(self, progress, what, every=5.0):
+        import time
+        self.clock, self.what, self.every = time.monotonic, what, every
+        self.enabled = progress.disable
+        self.last = self.clock()
+
+    def report(self, text):
+        if self.enabled and self.clock() - self.last >= self.every:
+            self.last = self.clock()
+            err.print(f"{self.what}: {text}", highlight=False)
 
 
 def _levels_text(levels):
@@ -190,9 +216,11 @@ def sample_command(
     checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
     output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
     sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
-                                          "(preconditioned SDE) or anneal (down the noise levels). "
-                                          "Default: the model's measured best: bellman in low D, "
-                                          "anneal for models with noise levels, else precond."),
+                                          "(preconditioned SDE), anneal (down the noise levels) or "
+                                          "smc (annealing weighted and resampled with the learned "
+                                          "density, then Metropolis-adjusted Langevin steps). "
+                                          "Default: anneal for models with noise levels (all fits "
+                                          "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
                                        "Default: importance in low D, gaussian for log fields."),
     steps: Optional[int] = typer.Option(None, help="SDE steps (anneal: levels). Default: 100 in "
@@ -225,8 +253,20 @@ def sample_command(
     shape = tuple(model.meta.get("item_shape") or [model.dim])
     save_array(output, values.reshape(len(values), *shape))
     share = report["low_density_share"]
-    out.print(f"wrote {output}: {n} samples ({report['sampler']} SDE, {report['init']} start, "
-              f"{report['steps']} steps); {share:.2%} ended where s ≈ 0", highlight=False)
+    out.print(f"wrote {escape(str(output))}: {n} samples ({_sampler_text(report)}); "
+              f"{report['low_density_share']:.2%} ended where s ≈ 0", highlight=False)
+
+
+def _sampler_text(report):
+    if report["levels"] is not None:
+        text = f"{report['sampler']} over {report['steps']} levels"
+    else:
+        text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
+    if report.get("final_ess") is not None:
+        text += f", final ESS {report['final_ess']:.0%}, {report['resamples']:.0f} resamples"
+    if report.get("mala_acceptance") is not None:
+        text += f", MALA acceptance {report['mala_acceptance']:.0%}"
+    return text
 
 
 def _check_output(path, extensions):
@@ -241,10 +281,13 @@ def evaluate(
                                        "name (its held-out split). Default: the training set's built-in."),
     checkpoint: Path = typer.Option(DEFAULT_CHECKPOINT, "-c", "--checkpoint", help="Checkpoint to load."),
     samples: Optional[Path] = typer.Option(None, "--samples", help="Samples file; default: sample now."),
+    train: Optional[str] = typer.Option(None, "--train", help="The training rows (file), for the "
+                                        "far-sample share and the normaliser's proposal. Built-ins "
+                                        "use their training split."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
-    sampler: Optional[str] = typer.Option(None, help="Sampler when sampling now: bellman, precond "
-                                          "or anneal (default: as `bdiff sample`)."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler when sampling now: bellman, precond, "
+                                          "anneal or smc (default: as `bdiff sample`)."),
     init: Optional[str] = typer.Option(None, help="Start when sampling now (default: as `bdiff sample`)."),
     steps: Optional[int] = typer.Option(None, help="SDE steps when sampling now (default: as `bdiff sample`)."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="Tweedie step at the end."),
@@ -253,21 +296,31 @@ def evaluate(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG figures into this folder."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ):
-    """Score a model against held-out data, beside the ideal reference.
+    """Score a model against held-out rows of the data, beside the reference row.
 
-    Sample quality (MMD, sliced Wasserstein, energy distance), held-out log-likelihood, and
-    field error and mode weights where the true density is known.
+    The held-out rows are split in halves A and B. Every sample is compared with A; the
+    reference column compares B, fresh rows of the data itself, with A in the same way: the
+    score of a perfect sampler. C2ST is the 5-fold accuracy of a classifier separating samples
+    from A (0.5: indistinguishable); MMD uses a Gaussian kernel of width 0.3 (mmd) and of the
+    median distance (mmd_median); *_smoothed_ideal is B plus N(0, εI), a perfect sampler of the
+    smoothed p_ε. loglik is the held-out mean log-density after dividing by the normaliser Z,
+    estimated by importance sampling (normaliser, normaliser_se; 1 for a proper density); it is
+    null where the density is ≤ 0 at some held-out row (density_nonpositive_share). far_share
+    is the share of samples farther from every training row (or held-out row, without --train)
+    than the data's own 99.9th-percentile nearest-neighbour distance; outside_range_share the
+    share outside the data's range widened by 10%.
 
     Examples:
 
       bdiff evaluate --data mixture --plot plots
 
-      bdiff evaluate --data heldout.npy --samples samples.npy --json metrics.json
+      bdiff evaluate --data heldout.npy --train train.npy --samples samples.npy --json metrics.json
     """
     from bdiff.data import load_data
     from bdiff.datasets import BUILTINS
     from bdiff.images import image_metrics, is_digits_shape
     from bdiff.metrics import evaluate as evaluate_model
+    from bdiff.metrics import json_safe, quality_warnings
     if json_path is not None:
         _check_output(json_path, (".json",))
     _threads()
@@ -277,43 +330,49 @@ def evaluate(
         raise BdiffError("give held-out data with --data (a file or a built-in dataset name)")
     heldout = load_data(data, key=key, split="heldout").values
     model.check_dim(heldout, f"held-out data {data}")
+    builtin = BUILTINS.get(data) if data in BUILTINS and not os.path.exists(data) else None
+    if train is not None:
+        train_values = load_data(train, key=key).values
+        model.check_dim(train_values, f"training data {train}")
+    else:
+        train_values = load_data(data, split="train").values if builtin is not None else None
     report = {}
     if samples is not None:
         values = load_data(str(samples)).values
     else:
         cfg = _sample_config(model, sampler, init, steps, denoise, seed, 10_000, None)
         values, report = _draw_samples(model, n, cfg)
-    builtin = BUILTINS.get(data) if data in BUILTINS and not os.path.exists(data) else None
     law = builtin.law if builtin is not None else None
-    metrics = evaluate_model(model, heldout, values, law=law, seed=seed)
+    metrics = evaluate_model(model, heldout, values, train=train_values, law=law, seed=seed)
     shape = tuple(model.meta.get("item_shape") or [model.dim])
-    train = load_data(data, key=key, split="train").values if builtin is not None else None
     if is_digits_shape(shape):
-        # the memorisation check needs the training rows: the built-in's, or the trained-on file
-        source = str(model.meta.get("source"))
-        if train is None and (source in BUILTINS or os.path.exists(source)):
-            train = load_data(source, key=key).values
-        metrics.update(image_metrics(values, heldout, train))
-    if report:
-        metrics["low_density_share"] = report["low_density_share"]
-    table = Table(title=f"bdiff evaluate: {checkpoint} on {data}")
+        metrics.update(image_metrics(values, heldout, train_values))
+    for name in ("low_density_share", "final_ess", "resamples", "mala_acceptance"):
+        if report.get(name) is not None:
+            metrics[name] = report[name]
+    table = Table(title=f"bdiff evaluate: {escape(str(checkpoint))} on {escape(str(data))}")
     table.add_column("metric")
     table.add_column("model", justify="right")
-    table.add_column("ideal reference", justify="right")
+    table.add_column("reference (data)", justify="right")
+    table.add_column("reference (p_ε)", justify="right")
     for name, value in metrics.items():
         if name.endswith("_ideal") or isinstance(value, list):
             continue
-        ideal = metrics.get(f"{name}_ideal")
-        table.add_row(name, _fmt(value), "" if ideal is None else _fmt(ideal))
+        ideal, smoothed = metrics.get(f"{name}_ideal"), metrics.get(f"{name}_smoothed_ideal")
+        table.add_row(name, _fmt(value), "" if ideal is None else _fmt(ideal),
+                      "" if smoothed is None else _fmt(smoothed))
     out.print(table)
+    for line in quality_warnings(metrics):
+        err.print(f"warning: {line}", highlight=False)
     if json_path is not None:
         from bdiff.data import save_json
-        save_json(json_path, metrics)
-        out.print(f"wrote {json_path}")
+        save_json(json_path, json_safe(metrics))
+        out.print(f"wrote {escape(str(json_path))}")
     if plot is not None:
         from bdiff.plots import write_plots
-        paths = write_plots(str(plot), model, train if builtin is not None else heldout, values, shape, law)
-        out.print(f"wrote {len(paths)} figures to {plot}/")
+        paths = write_plots(str(plot), model, train_values if train_values is not None else heldout,
+                            values, shape, law)
+        out.print(f"wrote {len(paths)} figures to {escape(str(plot))}/")
 
 
 def _int_list(text, what):
@@ -500,6 +559,8 @@ def rl(
 
 
 def _fmt(value):
+    if value is None:
+        return "n/a"
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}"
