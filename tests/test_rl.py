@@ -59,7 +59,7 @@ def test_smoothed_target_keeps_the_width(gamma):
 
 @pytest.mark.parametrize("gamma", [0.9, 0.99])
 def test_mixture_targets_match_the_quadrature_targets(gamma):
-    """The agent's closed-form targets equal the general targets of SPEC §1.4 computed from the
+    """The agent's closed-form targets equal the general targets of docs/design.md §1.4 computed from the
     successor's fields at the quadrature nodes, terminal rows included."""
     eps, centres = 0.05**2, torch.linspace(-1, 1, 64)
     generator = torch.Generator().manual_seed(1)

@@ -1,6 +1,6 @@
 """Bellman Diffusion for distributional RL: fields s(u | state, a) ≈ p_ε(u) and g ≈ ∂p_ε/∂u of
 the standardised return u, smoothed by N(0, ε), trained by regression to linear Bellman
-targets (SPEC §1.4):
+targets (docs/design.md §1.4):
 
     non-terminal   s*(u) = E_v (1/γ) s'((u - shift - v)/γ),   g*(u) = E_v (1/γ²) g'((u - shift - v)/γ)
     terminal       s*(u) = N(u - shift; 0, ε),                 g*(u) = -(u - shift)/ε · N(u - shift; 0, ε)

@@ -1,0 +1,301 @@
+"""Quality suite: bdiff beside its peers on the same splits, judged against held-out rows.
+
+    python benchmarks/suite.py                      # every data set, results/suite.json + table
+    python benchmarks/suite.py --only ring,iris     # a subset
+    python benchmarks/suite.py --ablation           # also the SMC-vs-anneal sampler ablation
+
+Peers: scikit-learn KernelDensity with its bandwidth chosen by 5-fold CV likelihood, a
+GaussianMixture with its number of components chosen by BIC, and a zuko neural spline flow
+with early stopping on a validation split. Columns: held-out log-likelihood per row in data
+units, C2ST and MMD (median-heuristic bandwidth) of samples against held-out rows, the share of
+far samples, the mode-weight error where the law is known, fit and sample seconds.
+Run it on an idle machine: fit times double when another job shares the two cores.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bdiff.datasets import BUILTINS, GaussianMixture  # noqa: E402
+from bdiff.metrics import c2st, far_share, median_bandwidth, mmd, mode_weight_error  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _mixture(weights, means, covs):
+    return GaussianMixture(np.asarray(weights, float), np.asarray(means, float), np.asarray(covs, float))
+
+
+def _correlated_mixture(dim, k, seed):
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.4, 0.3, 0.2, 0.1][:k])
+    means = rng.normal(0, 3, size=(k, dim))
+    covs = []
+    for _ in range(k):
+        a = rng.normal(size=(dim, dim)) * 0.4
+        covs.append(a @ a.T + 0.05 * np.eye(dim))
+    return _mixture(weights / weights.sum(), means, covs)
+
+
+UNBALANCED = _mixture([0.55, 0.25, 0.15, 0.03, 0.02],
+                      [[-2.0, 0.0], [2.0, 0.5], [0.0, 2.5], [0.5, -2.5], [3.0, -2.5]],
+                      [np.eye(2) * s**2 for s in (0.6, 0.3, 0.45, 0.2, 0.15)])
+
+
+def _ring(n, rng):
+    angle = rng.uniform(0, 2 * np.pi, n)
+    radius = 2 + rng.normal(0, 0.05, n)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1)
+
+
+def _spiral(n, rng):
+    t = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
+    return np.stack([t * np.cos(t), t * np.sin(t)], 1) / 3 + rng.normal(0, 0.05, (n, 2))
+
+
+def _student(n, rng):
+    return rng.standard_t(3, size=(n, 1))
+
+
+def _sklearn_table(name):
+    import sklearn.datasets
+    values = getattr(sklearn.datasets, f"load_{name}")().data.astype(np.float64)
+    order = np.random.default_rng(0).permutation(len(values))
+    cut = int(0.8 * len(values))
+    return values[order[:cut]], values[order[cut:]]
+
+
+def _drawn(draw, n_train, n_test):
+    return lambda: (draw(n_train, np.random.default_rng(0)), draw(n_test, np.random.default_rng(1)))
+
+
+DATASETS = {
+    # name: (loader returning (train, test), law or None)
+    "intervals": (_drawn(BUILTINS["intervals"].law.sample, 5000, 5000), BUILTINS["intervals"].law),
+    "student_t3": (_drawn(_student, 5000, 5000), None),
+    "unbalanced": (_drawn(UNBALANCED.sample, 10000, 10000), UNBALANCED),
+    "ring": (_drawn(_ring, 5000, 5000), None),
+    "spiral": (_drawn(_spiral, 5000, 5000), None),
+    "checkerboard": (_drawn(BUILTINS["checkerboard"].law.sample, 5000, 5000), BUILTINS["checkerboard"].law),
+    "mixture5d": (_drawn(_correlated_mixture(5, 3, 5).sample, 5000, 5000), _correlated_mixture(5, 3, 5)),
+    "mixture10d": (_drawn(_correlated_mixture(10, 4, 10).sample, 5000, 5000), _correlated_mixture(10, 4, 10)),
+    "iris": (lambda: _sklearn_table("iris"), None),
+    "wine": (lambda: _sklearn_table("wine"), None),
+    "diabetes": (lambda: _sklearn_table("diabetes"), None),
+    "breast_cancer": (lambda: _sklearn_table("breast_cancer"), None),
+}
+
+
+class Standard:
+    def __init__(self, train):
+        self.mean, self.std = train.mean(0), np.where(train.std(0) > 0, train.std(0), 1.0)
+        self.log_det = float(np.log(self.std).sum())
+
+    def __call__(self, x):
+        return (x - self.mean) / self.std
+
+
+def fit_bdiff(train, test, n, seed):
+    from bdiff.density import normaliser
+    from bdiff.model import TrainedModel
+    from bdiff.trainer import FitConfig, Trainer
+    path = f"/tmp/bdiff-suite-{os.getpid()}.safetensors"
+    start = time.perf_counter()
+    trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed))
+    trainer.run(path)
+    fit_s = time.perf_counter() - start
+    model = TrainedModel.load(path)
+    os.remove(path)
+    start = time.perf_counter()
+    x, report = model.sample(n, model.sample_config(seed=seed))
+    sample_s = time.perf_counter() - start
+    samples = model.standardizer.inverse(x.numpy())
+    z, z_se = normaliser(model.log_density_std, model.standardizer.forward(train.astype(np.float32)), model.eps)
+    loglik = float(model.log_density(test.astype(np.float32)).mean() - math.log(z))
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, normaliser=z,
+                normaliser_se=z_se, steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
+                eps_scores=trainer.eps_model_scores, model=model)
+
+
+def fit_kde(train, test, n, seed):
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neighbors import KernelDensity
+    scale = Standard(train)
+    start = time.perf_counter()
+    grid = GridSearchCV(KernelDensity(), {"bandwidth": np.logspace(-2, 0.3, 24)}, cv=5)
+    grid.fit(scale(train))
+    kde = grid.best_estimator_
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = kde.sample(n, random_state=seed) * scale.std + scale.mean
+    sample_s = time.perf_counter() - start
+    loglik = float(kde.score_samples(scale(test)).mean() - scale.log_det)
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s,
+                bandwidth=float(kde.bandwidth))
+
+
+def fit_gmm(train, test, n, seed):
+    from sklearn.mixture import GaussianMixture as SkGMM
+    scale = Standard(train)
+    start = time.perf_counter()
+    best = None
+    for k in range(1, 11):
+        if k > len(train) // 10:
+            break
+        gmm = SkGMM(k, covariance_type="full", random_state=seed, reg_covar=1e-6).fit(scale(train))
+        bic = gmm.bic(scale(train))
+        if best is None or bic < best[0]:
+            best = (bic, gmm)
+    gmm = best[1]
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = gmm.sample(n)[0] * scale.std + scale.mean
+    sample_s = time.perf_counter() - start
+    loglik = float(gmm.score_samples(scale(test)).mean() - scale.log_det)
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, components=gmm.n_components)
+
+
+def fit_flow(train, test, n, seed, max_epochs=400, patience=50):
+    """zuko NSF (5 transforms, 2×64 hidden, 8 bins), Adam 1e-3, batch 256, early stopping on
+    a 10% validation split; the best validation weights are kept."""
+    import copy
+
+    import zuko
+    torch.manual_seed(seed)
+    scale = Standard(train)
+    rows = torch.tensor(scale(train), dtype=torch.float32)
+    order = torch.randperm(len(rows))
+    cut = max(1, len(rows) // 10)
+    val, fit_rows = rows[order[:cut]], rows[order[cut:]]
+    dim = rows.shape[1]
+    flow = zuko.flows.NSF(dim, transforms=5 if dim > 1 else 3, hidden_features=(64, 64), bins=8) \
+        if dim > 1 else zuko.flows.NSF(1, transforms=3, hidden_features=(64, 64), bins=8, passes=1)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    best, best_state, stale = math.inf, None, 0
+    for _ in range(max_epochs):
+        for batch in fit_rows[torch.randperm(len(fit_rows))].split(256):
+            loss = -flow().log_prob(batch).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            val_loss = float(-flow().log_prob(val).mean())
+        if val_loss < best - 1e-4:
+            best, best_state, stale = val_loss, copy.deepcopy(flow.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    flow.load_state_dict(best_state)
+    fit_s = time.perf_counter() - start
+    with torch.no_grad():
+        start = time.perf_counter()
+        samples = flow().sample((n,)).numpy() * scale.std + scale.mean
+        sample_s = time.perf_counter() - start
+        loglik = float(flow().log_prob(torch.tensor(scale(test), dtype=torch.float32)).mean()) - scale.log_det
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s)
+
+
+METHODS = {"bdiff": fit_bdiff, "kde_cv": fit_kde, "gmm_bic": fit_gmm, "nsf_flow": fit_flow}
+
+
+def sample_scores(samples, test, train, law, seed=0):
+    scale = Standard(train)
+    x, t = scale(samples), scale(test)
+    half = len(t) // 2
+    a = t[:half]
+    bandwidth = median_bandwidth(a, t[half:], seed=seed)
+    finite = np.isfinite(x).all(1)
+    out = {"c2st": c2st(x[finite], t, seed), "mmd_median": mmd(x[finite], t, bandwidth),
+           "far_share": far_share(x[finite], scale(train), t),
+           "nonfinite_samples": float(1 - finite.mean())}
+    if law is not None and hasattr(law, "component") and len(law.weights) <= 8:
+        out["mode_weight_error"] = mode_weight_error(law, samples[finite])
+    return out
+
+
+def reference_scores(train, test, law, seed=0):
+    """A perfect sampler: fresh rows of the data (the training rows) scored the same way."""
+    return sample_scores(train[:len(test)] if len(train) >= len(test) else train, test, train, law, seed)
+
+
+def ablation(model, test, law, seeds=(0, 1, 2), n=10_000):
+    """SMC (annealing weighted by the learned log s, resampling, MALA at ε) against annealing
+    alone, on the same trained model."""
+    rows = []
+    for sampler in ("anneal", "smc"):
+        for seed in seeds:
+            start = time.perf_counter()
+            x, report = model.sample(n, model.sample_config(sampler=sampler, seed=seed))
+            seconds = time.perf_counter() - start
+            samples = model.standardizer.inverse(x.numpy())
+            row = {"sampler": sampler, "seed": seed, "seconds": seconds,
+                   "c2st": c2st(samples, test, seed),
+                   "mode_weight_error": mode_weight_error(law, samples) if law is not None else None,
+                   "final_ess": report.get("final_ess"), "mala_acceptance": report.get("mala_acceptance")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="comma-separated data sets")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    names = args.only.split(",") if args.only else list(DATASETS)
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    for name in names:
+        loader, law = DATASETS[name]
+        train, test = loader()
+        n = 10_000
+        entry = results.setdefault(name, {})
+        entry["rows"] = [len(train), len(test)]
+        entry["dim"] = train.shape[1]
+        entry["reference"] = reference_scores(train, test, law, args.seed)
+        for method in args.methods.split(","):
+            out = METHODS[method](train, test, n, args.seed)
+            model = out.pop("model", None)
+            out.update(sample_scores(out.pop("samples"), test, train, law, args.seed))
+            out["loglik_per_dim"] = out["loglik"] / train.shape[1]
+            entry[method] = out
+            print(name, method, {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}, flush=True)
+            if args.ablation and method == "bdiff" and law is not None:
+                entry["ablation"] = ablation(model, test, law)
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1, allow_nan=False)
+    print(table(results))
+
+
+def table(results):
+    lines = ["| data | D | rows | method | loglik | C2ST (ref) | MMD (ref) | far | mode err (ref) | fit s | sample s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in results.items():
+        ref = entry["reference"]
+        best = max(entry[m]["loglik"] for m in METHODS if m in entry)
+        for method in METHODS:
+            if method not in entry:
+                continue
+            r = entry[method]
+            mark = "**" if r["loglik"] >= best - 0.05 * entry["dim"] else ""
+            mode = "" if "mode_weight_error" not in r else f"{r['mode_weight_error']:.4f} ({ref['mode_weight_error']:.4f})"
+            lines.append(f"| {name} | {entry['dim']} | {entry['rows'][0]}/{entry['rows'][1]} | {method} | "
+                         f"{mark}{r['loglik']:.3f}{mark} | {r['c2st']:.3f} ({ref['c2st']:.3f}) | "
+                         f"{r['mmd_median']:.2e} ({ref['mmd_median']:.2e}) | {r['far_share']:.4f} | {mode} | "
+                         f"{r['fit_s']:.1f} | {r['sample_s']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
