@@ -122,15 +122,15 @@ def fit(
     from bdiff.data import load_data
     from bdiff.trainer import FitConfig, Trainer
 
+    loaded = load_data(data, key=key)  # the input first: its error is the one to see
     if output.exists() and not (resume or force):
         raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
     if resume and not output.exists():
         raise BdiffError(f"--resume: no checkpoint at {output}")
     if checkpoint_every < 1:
         raise BdiffError("--checkpoint-every must be >= 1")
-    _check_output(output, (".safetensors",))  # before any work: a bad path must not cost a fit
+    _check_output(output, (".safetensors",))  # before any training: a bad path must not cost a fit
     _threads()
-    loaded = load_data(data, key=key)
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
@@ -169,13 +169,16 @@ def fit(
     out.print(f"wrote {escape(str(output))} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
 
 
-class _PlainProgress:
-    """One plain line every few seconds when stderr is not a terminal (a pipe or a log file),
-    where the rich bar draws nothing."""
+PLAIN_PROGRESS_SECONDS = 5.0
 
-    def __init__(self, progress, what, every=5.0):
+
+class _PlainProgress:
+    """One plain line every PLAIN_PROGRESS_SECONDS when stderr is not a terminal (a pipe or a
+    log file), where the rich bar draws nothing."""
+
+    def __init__(self, progress, what):
         import time
-        self.clock, self.what, self.every = time.monotonic, what, every
+        self.clock, self.what, self.every = time.monotonic, what, PLAIN_PROGRESS_SECONDS
         self.enabled = progress.disable
         self.last = self.clock()
 

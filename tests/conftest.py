@@ -37,3 +37,11 @@ def tiny_checkpoint(tmp_path_factory, mixture_small):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: default outputs (bdiff.safetensors, samples.npy)
+    land there, never in the checkout, and files the README's main job left behind there
+    cannot change a test's outcome."""
+    monkeypatch.chdir(tmp_path)

@@ -223,3 +223,28 @@ def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
     # importance sampling cannot pin the normaliser down in 64-D: no likelihood, and it says why
     assert report["loglik"] is None and report["normaliser_reliable"] is False
     assert (tmp_path / "plots" / "samples.png").exists()
+
+
+def test_fit_reports_progress_lines_when_piped(tmp_path, data_file, monkeypatch):
+    """CliRunner's stderr is not a terminal, like a pipe or a log file: the rich bar is off, so
+    plain lines must carry the progress."""
+    import bdiff.cli.main as cli
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_SECONDS", 0.0)
+    result = invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT)
+    assert result.exit_code == 0, result.stderr
+    assert "fit: step 10/20" in result.stderr and "fit: step 20/20" in result.stderr
+
+
+def test_fit_option_defaults_are_the_config_defaults():
+    """One source of defaults: every `bdiff fit` option that names a FitConfig field defaults to it."""
+    import typer.main
+
+    from bdiff.trainer import FitConfig
+    command = typer.main.get_command(app).commands["fit"]
+    defaults = FitConfig()
+    checked = 0
+    for param in command.params:
+        if hasattr(defaults, param.name) and param.name != "device":
+            assert param.default == getattr(defaults, param.name), param.name
+            checked += 1
+    assert checked >= 10
