@@ -8,6 +8,7 @@ from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
 EPS_RULES = ("auto", "silverman", "scott", "heldout")  # auto: heldout for log fields
+WIDE_NOISE = 4.0  # wide queries of level ε: rows plus N(0, (WIDE_NOISE² ε) I)
 LEVEL_GROUPS = 8  # noise levels per batch for level-conditioned fields, stratified in log ε
 
 
@@ -156,10 +157,13 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
             q, exclude = draw_queries(refs, size, level, cfg.query_mix, cfg.perturb_scale,
                                       cfg.broad_std, generator, spread=True)
         else:
-            # mostly p_ε itself, the law the annealed sampler's particles follow at this level
-            n_data = size // 4
+            # mostly p_ε itself, the law the annealed sampler's particles follow at this level;
+            # a share spread WIDE_NOISE times wider pins log s down between nearby rows, where
+            # it would otherwise extrapolate and the density's mass leak (NOTES.md)
+            n_data, n_wide = size // 4, int(cfg.wide_share * size)
             q, exclude = smoothed_data_queries(refs, size, level, generator)
             q[:n_data] = refs[exclude[:n_data]]
+            q[size - n_wide:] += (q[size - n_wide:] - refs[exclude[size - n_wide:]]) * (WIDE_NOISE - 1)
         with torch.no_grad():
             lse, mean = field_matching(q, refs, level, exclude, backend)
         queries.append(q)
@@ -197,6 +201,7 @@ class ValidationSet:
 
     def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None):
         rows = rows[:self.MAX_ROWS]
+        self.rows, self.eps = rows, eps
         grid = [eps] if levels is None else (levels[0] * (levels[1] / levels[0]) ** torch.linspace(
             0, 1, LEVEL_GROUPS, dtype=torch.float64)).tolist()
         queries, level_eps, log_s_hat, score = [], [], [], []
@@ -210,6 +215,13 @@ class ValidationSet:
             score.append(mean)
         self.queries, self.level_eps, self.log_s_hat, self.score = map(
             torch.cat, (queries, level_eps, log_s_hat, score))
+
+    @torch.no_grad()
+    def loglik(self, model):
+        """Mean log s at the clean validation rows at ε (up to the constants log C and
+        (2πε)^{D/2}): the held-out likelihood that stops training."""
+        log_s, _ = model.log_fields(self.rows, self.eps if model.levels else None)
+        return float(log_s.double().mean())
 
     @torch.no_grad()
     def loss(self, model, id_weight=1.0):

@@ -48,3 +48,67 @@ def test_mode_weight_error_is_small_on_true_samples_and_large_on_wrong_weights()
     assert mode_weight_error(law, values) < 0.01
     first_only = values[law.component(values) == 0]
     assert mode_weight_error(law, first_only) == pytest.approx(0.25, abs=1e-9)
+
+
+class _StubModel:
+    """A model whose density is N(0, 1) in 1-D, optionally zero at x > cut, optionally scaled."""
+    dim, eps = 1, 0.05
+
+    def __init__(self, cut=np.inf, scale=1.0):
+        from bdiff.data import Standardizer
+        self.cut, self.scale = cut, scale
+        self.standardizer = Standardizer(np.zeros(1), np.ones(1))
+
+    def log_density_std(self, x):
+        import torch
+        x = x.double()[:, 0]
+        log_p = -0.5 * x * x - 0.5 * np.log(2 * np.pi) + np.log(self.scale)
+        return torch.where(x > self.cut, torch.full_like(log_p, -np.inf), log_p)
+
+    def log_density(self, values):
+        import torch
+        return self.log_density_std(torch.as_tensor(values, dtype=torch.float32)).numpy()
+
+
+def test_loglik_is_normalised_and_refuses_a_density_that_is_zero_at_test_rows(rng):
+    from bdiff.metrics import held_out_loglik, quality_warnings
+    rows = rng.normal(size=(2000, 1)).astype(np.float32)
+    test = rng.normal(size=(500, 1)).astype(np.float32)
+    exact = float((-0.5 * test**2 - 0.5 * np.log(2 * np.pi)).mean())
+    good = held_out_loglik(_StubModel(), test, rows)
+    assert good["normaliser"] == pytest.approx(1.0, abs=0.03) and good["normaliser_reliable"]
+    assert good["loglik"] == pytest.approx(exact, abs=0.03) and quality_warnings(good) == []
+    # twice the mass: the headline divides it out, and a warning says so
+    doubled = held_out_loglik(_StubModel(scale=2.0), test, rows)
+    assert doubled["normaliser"] == pytest.approx(2.0, abs=0.06)
+    assert doubled["loglik"] == pytest.approx(exact, abs=0.03)
+    assert any("integrates to" in line for line in quality_warnings(doubled))
+    # zero density at some held-out rows: no finite headline figure, the share instead
+    cut = held_out_loglik(_StubModel(cut=2.0), test, rows)
+    assert cut["loglik"] is None and cut["density_nonpositive_share"] == pytest.approx(float((test > 2).mean()))
+    assert any("≤ 0" in line for line in quality_warnings(cut))
+
+
+def test_far_share_flags_samples_off_the_data(rng):
+    from bdiff.metrics import far_share
+    train, probe = rng.normal(size=(3000, 2)), rng.normal(size=(1000, 2))
+    assert far_share(rng.normal(size=(2000, 2)), train, probe) < 0.01
+    stray = np.concatenate([rng.normal(size=(1900, 2)), rng.normal(size=(100, 2)) * 0.1 + 8.0])
+    assert far_share(stray, train, probe) == pytest.approx(0.05, abs=0.01)
+
+
+def test_c2st_is_half_for_one_law_and_high_for_a_blurred_copy(rng):
+    from bdiff.metrics import c2st
+    data = np.concatenate([rng.normal(size=(1500, 2)) * 0.1 - 1, rng.normal(size=(1500, 2)) * 0.1 + 1])
+    same = np.concatenate([rng.normal(size=(1500, 2)) * 0.1 - 1, rng.normal(size=(1500, 2)) * 0.1 + 1])
+    assert abs(c2st(same, data) - 0.5) < 0.04
+    assert c2st(same + rng.normal(size=same.shape) * 0.1, data) > 0.56  # the N(0, εI) blur shows
+
+
+def test_json_safe_leaves_no_nonfinite_number():
+    import json
+
+    from bdiff.metrics import json_safe
+    clean = json_safe({"a": 1.0, "b": float("-inf"), "c": float("nan"), "d": None})
+    assert clean["b"] is None and clean["c"] is None and clean["nonfinite"] == ["b", "c"]
+    json.dumps(clean, allow_nan=False)

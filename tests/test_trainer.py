@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,7 +14,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.losses import bandwidth, divergence, draw_queries, log_normaliser, smoothed_targets
 from bdiff.model import TrainedModel
-from bdiff.trainer import FitConfig, Trainer
+from bdiff.trainer import VAL_TOLERANCE, FitConfig, Trainer
 
 from conftest import TINY
 
@@ -143,3 +144,16 @@ def test_bad_checkpoints(tmp_path, tiny_checkpoint):
     for name, message in cases.items():
         with pytest.raises(BdiffError, match=message):
             TrainedModel.load(tmp_path / f"{name}.safetensors")
+
+
+def test_small_data_stops_early_and_keeps_the_best_weights():
+    """200 rows need far fewer steps than the cap: the validation loss stalls and training
+    stops, keeping the EMA weights of the best validation."""
+    values = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    trainer = Trainer(values, FitConfig(steps=3000, width=32, depth=2, batch_size=256))
+    assert len(trainer.val_rows) == 20 and len(trainer.refs) == 180
+    trainer.run()
+    assert trainer.stopped_early and trainer.step < 3000
+    best = max(loglik for _, _, loglik in trainer.val_history)
+    kept = trainer.validation.loglik(trainer.ema)
+    assert best - VAL_TOLERANCE <= kept <= best  # the last weights that gained the tolerance
