@@ -201,7 +201,6 @@ class ValidationSet:
 
     def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None):
         rows = rows[:self.MAX_ROWS]
-        self.rows, self.eps = rows, eps
         grid = [eps] if levels is None else (levels[0] * (levels[1] / levels[0]) ** torch.linspace(
             0, 1, LEVEL_GROUPS, dtype=torch.float64)).tolist()
         queries, level_eps, log_s_hat, score = [], [], [], []
@@ -215,13 +214,6 @@ class ValidationSet:
             score.append(mean)
         self.queries, self.level_eps, self.log_s_hat, self.score = map(
             torch.cat, (queries, level_eps, log_s_hat, score))
-
-    @torch.no_grad()
-    def loglik(self, model):
-        """Mean log s at the clean validation rows at ε (up to the constants log C and
-        (2πε)^{D/2}): the held-out likelihood that stops training."""
-        log_s, _ = model.log_fields(self.rows, self.eps if model.levels else None)
-        return float(log_s.double().mean())
 
     @torch.no_grad()
     def loss(self, model, id_weight=1.0):

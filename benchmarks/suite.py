@@ -161,7 +161,7 @@ def fit_gmm(train, test, n, seed):
     return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, components=gmm.n_components)
 
 
-def fit_flow(train, test, n, seed, max_epochs=400, patience=50):
+def fit_flow(train, test, n, seed, max_epochs=150, patience=15):
     """zuko NSF (5 transforms, 2×64 hidden, 8 bins), Adam 1e-3, batch 256, early stopping on
     a 10% validation split; the best validation weights are kept."""
     import copy

@@ -14,7 +14,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.losses import bandwidth, divergence, draw_queries, log_normaliser, smoothed_targets
 from bdiff.model import TrainedModel
-from bdiff.trainer import VAL_TOLERANCE, FitConfig, Trainer
+from bdiff.trainer import FitConfig, Trainer
 
 from conftest import TINY
 
@@ -146,14 +146,14 @@ def test_bad_checkpoints(tmp_path, tiny_checkpoint):
             TrainedModel.load(tmp_path / f"{name}.safetensors")
 
 
-def test_small_data_stops_early_and_keeps_the_best_weights():
-    """200 rows need far fewer steps than the cap: the validation loss stalls and training
-    stops, keeping the EMA weights of the best validation."""
+def test_training_stops_when_the_validation_loss_stalls_and_keeps_the_best_weights():
+    """The field loss on the rows kept out decides: no 1 % fall in `patience` checks stops
+    training before the cap, and the EMA weights of the best check are the ones kept."""
     values = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
-    trainer = Trainer(values, FitConfig(steps=3000, width=32, depth=2, batch_size=256))
+    trainer = Trainer(values, FitConfig(steps=3000, width=32, depth=2, batch_size=256, eval_every=50,
+                                        patience=3))
     assert len(trainer.val_rows) == 20 and len(trainer.refs) == 180
     trainer.run()
     assert trainer.stopped_early and trainer.step < 3000
-    best = max(loglik for _, _, loglik in trainer.val_history)
-    kept = trainer.validation.loglik(trainer.ema)
-    assert best - VAL_TOLERANCE <= kept <= best  # the last weights that gained the tolerance
+    assert trainer.validation.loss(trainer.ema) == pytest.approx(trainer.best_val, rel=1e-6)
+    assert trainer.best_val <= min(loss for _, loss in trainer.val_history) / (1 - 0.01)
