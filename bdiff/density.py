@@ -48,8 +48,10 @@ def reliable(z, se):
 
 def select_eps(fields_net, val_rows, refs, log_c, candidates, seed=0):
     """The level whose normalised learned density best predicts the validation rows: mean
-    log p̂_ε(val) - log Z_ε, among the levels whose Z is reliably estimated (the first
-    candidate when none is). Returns (ε, [(ε, score, Z, se)])."""
+    log p̂_ε(val) - log Z_ε, among the candidates (ascending) up to the first whose Z cannot be
+    reliably estimated; the first candidate when its own Z cannot be (high D: only broad
+    levels would qualify, and they trade sharpness for a likelihood no one can check).
+    Returns (ε, [(ε, score, Z, se)])."""
     scores = []
     for eps in candidates:
         def log_p(x, eps=eps):
@@ -57,5 +59,9 @@ def select_eps(fields_net, val_rows, refs, log_c, candidates, seed=0):
         z, se = normaliser(log_p, refs, eps, n=8192, seed=seed)
         score = float(log_p(val_rows).mean()) - math.log(max(z, 1e-300))
         scores.append((eps, score, z, se))
-    usable = [item for item in scores if reliable(item[2], item[3])]
+    usable = []
+    for item in scores:
+        if not reliable(item[2], item[3]):
+            break
+        usable.append(item)
     return (max(usable, key=lambda item: item[1])[0] if usable else candidates[0]), scores
