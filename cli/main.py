@@ -225,9 +225,11 @@ def sample_command(
                                           "Default: anneal for models with noise levels (all fits "
                                           "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
-                                       "Default: importance in low D, gaussian for log fields."),
-    steps: Optional[int] = typer.Option(None, help="SDE steps (anneal: levels). Default: 100 in "
-                                        "low D, 200 levels, 300 for log fields without levels."),
+                                       "Default: importance for linear fields, gaussian otherwise "
+                                       "(anneal and smc start from their broadest level)."),
+    steps: Optional[int] = typer.Option(None, help="SDE steps (anneal, smc: levels). Default: 200 "
+                                        "levels with noise levels, 100 steps for linear fields, 300 "
+                                        "for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
                                            "step x + ε∇log s that removes the N(0, εI) smoothing."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
@@ -235,7 +237,8 @@ def sample_command(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     backend: Optional[str] = typer.Option(None, help="Kernel backend (default: automatic)."),
 ):
-    """Draw samples from a trained model with the Bellman SDE; writes data units.
+    """Draw samples from a trained model, in data units: down its noise levels (the default),
+    or with the Bellman SDE.
 
     Examples:
 
