@@ -24,9 +24,10 @@ def normaliser(log_density_fn, rows_std, eps, n=20_000, seed=0, broad_share=0.1,
     rows = torch.as_tensor(rows_std, dtype=torch.float32)
     dim = rows.shape[1]
     n_broad = int(broad_share * n)
-    near = rows[torch.randint(len(rows), (n - n_broad,), generator=generator)]
-    near = near + torch.randn(near.shape, generator=generator) * math.sqrt(eps)
-    points = torch.cat([near, torch.randn(n_broad, dim, generator=generator) * broad_std]).to(rows.device)
+    picks = torch.randint(len(rows), (n - n_broad,), generator=generator)
+    noise = torch.randn(n - n_broad, dim, generator=generator) * math.sqrt(eps)
+    broad = torch.randn(n_broad, dim, generator=generator) * broad_std
+    points = torch.cat([rows[picks.to(rows.device)] + noise.to(rows.device), broad.to(rows.device)])
     lse, _ = field_matching(points, rows, eps)
     log_near = lse.double() - 0.5 * dim * math.log(2 * math.pi * eps)
     log_broad = (-0.5 * points.double().pow(2).sum(1) / broad_std**2

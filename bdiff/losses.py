@@ -7,7 +7,7 @@ from bdiff.backend import field_matching
 from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
-EPS_RULES = ("auto", "silverman", "scott", "heldout")  # auto: heldout for log fields
+EPS_RULES = ("auto", "silverman", "scott", "heldout")  # auto: heldout
 WIDE_NOISE = 4.0  # wide queries of level ε: rows plus N(0, (WIDE_NOISE² ε) I)
 LEVEL_GROUPS = 8  # noise levels per batch for level-conditioned fields, stratified in log ε
 
@@ -122,10 +122,8 @@ def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
     with torch.no_grad():
         s_hat, g_hat = smoothed_targets(queries, refs, eps, log_c, exclude, backend)
     s, g = model(queries)
-    loss_id = (s - s_hat).pow(2).mean()
-    if cfg.grad_loss == "direct":
-        loss_grad = (g - g_hat).pow(2).sum(1).mean()
-    else:
+    loss_grad, loss_id = squared_errors(s, g, s_hat, g_hat)
+    if cfg.grad_loss != "direct":
         # ∫ p_ε ‖g - ∇p_ε‖² = E_{x~p_ε}[‖g‖² + p_ε(x) ∇·g(x)] + const (the paper's form)
         x, source = smoothed_data_queries(refs, cfg.batch_size, eps, generator)
         with torch.no_grad():
@@ -172,6 +170,11 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
         score.append(mean)
     queries, level_eps, log_s_hat, score = map(torch.cat, (queries, level_eps, log_s_hat, score))
     return log_regression(model, queries, level_eps, log_s_hat, score, cfg.id_weight)
+
+
+def squared_errors(s, g, s_hat, g_hat):
+    """The direct loss's two parts: mean ‖g - ĝ‖² and mean (s - ŝ)²."""
+    return (g - g_hat).pow(2).sum(1).mean(), (s - s_hat).pow(2).mean()
 
 
 def log_regression(model, queries, level_eps, log_s_hat, score, id_weight):
@@ -221,6 +224,5 @@ class ValidationSet:
             return log_regression(model, self.queries, self.level_eps, self.log_s_hat, self.score,
                                   id_weight)[0].item()
         s_hat = torch.exp(self.log_s_hat)
-        s, g = model(self.queries)
-        return float((s - s_hat).pow(2).mean() * id_weight
-                     + (g - s_hat.unsqueeze(1) * self.score).pow(2).sum(1).mean())
+        loss_grad, loss_id = squared_errors(*model(self.queries), s_hat, s_hat.unsqueeze(1) * self.score)
+        return float(loss_grad + id_weight * loss_id)

@@ -15,6 +15,7 @@ the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg
   at consecutive levels, resampled when the effective sample size drops, then Metropolis-
   adjusted Langevin moves at ε that accept with the learned density.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -306,9 +307,9 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
         generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
-        plan.offset = start
-        x = _start(fields, count, cfg, plan, generator, device)
-        x, extra = chosen.run(fields, x, cfg, plan, generator)
+        batch_plan = dataclasses.replace(plan, offset=start)
+        x = _start(fields, count, cfg, batch_plan, generator, device)
+        x, extra = chosen.run(fields, x, cfg, batch_plan, generator)
         if cfg.denoise:
             log_s, score = fields.log_fields(x)
             x = x + fields.eps * torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))

@@ -235,7 +235,7 @@ class Trainer:
         if not self.eps_model_scores:
             return []
         eps, _, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
-        if not any(reliable(item[2], item[3]) for item in self.eps_model_scores):
+        if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps ε_min
             return [f"ε = ε_min = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
                     "so no level is chosen by likelihood"]
         lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "

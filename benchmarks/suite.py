@@ -16,12 +16,14 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bdiff.data import Standardizer  # noqa: E402
 from bdiff.datasets import BUILTINS, GaussianMixture  # noqa: E402
 from bdiff.metrics import c2st, far_share, median_bandwidth, mmd, mode_weight_error  # noqa: E402
 
@@ -92,74 +94,70 @@ DATASETS = {
 }
 
 
-class Standard:
-    def __init__(self, train):
-        self.mean, self.std = train.mean(0), np.where(train.std(0) > 0, train.std(0), 1.0)
-        self.log_det = float(np.log(self.std).sum())
-
-    def __call__(self, x):
-        return (x - self.mean) / self.std
+def _log_det(scale):
+    """log |Jacobian| of standardising: log-likelihoods in data units subtract it."""
+    return float(np.log(scale.std).sum())
 
 
 def fit_bdiff(train, test, n, seed):
-    from bdiff.density import normaliser, reliable
+    from bdiff.metrics import held_out_loglik
     from bdiff.model import TrainedModel
     from bdiff.trainer import FitConfig, Trainer
-    path = f"/tmp/bdiff-suite-{os.getpid()}.safetensors"
-    start = time.perf_counter()
-    trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed))
-    trainer.run(path)
-    fit_s = time.perf_counter() - start
-    model = TrainedModel.load(path)
-    os.remove(path)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.safetensors")
+        start = time.perf_counter()
+        trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed))
+        trainer.run(path)
+        fit_s = time.perf_counter() - start
+        model = TrainedModel.load(path)
     start = time.perf_counter()
     x, report = model.sample(n, model.sample_config(seed=seed))
     sample_s = time.perf_counter() - start
     samples = model.standardizer.inverse(x.numpy())
-    z, z_se = normaliser(model.log_density_std, model.standardizer.forward(train.astype(np.float32)), model.eps)
+    density = held_out_loglik(model, test.astype(np.float32), model.standardizer.forward(train))
     # an unverifiable normaliser (high D) leaves the plain mean, flagged
-    loglik = float(model.log_density(test.astype(np.float32)).mean() - (math.log(z) if reliable(z, z_se) else 0.0))
-    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, normaliser=z,
-                normaliser_reliable=reliable(z, z_se),
-                normaliser_se=z_se, steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
+    loglik = density["loglik"] if density["normaliser_reliable"] else density["loglik_unnormalised"]
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, normaliser=density["normaliser"],
+                normaliser_reliable=density["normaliser_reliable"],
+                normaliser_se=density["normaliser_se"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
                 eps_scores=trainer.eps_model_scores, model=model)
 
 
 def fit_kde(train, test, n, seed):
     from sklearn.model_selection import GridSearchCV
     from sklearn.neighbors import KernelDensity
-    scale = Standard(train)
+    scale = Standardizer.fit(train)
     start = time.perf_counter()
     grid = GridSearchCV(KernelDensity(), {"bandwidth": np.logspace(-2, 0.3, 24)}, cv=5)
-    grid.fit(scale(train))
+    grid.fit(scale.forward(train))
     kde = grid.best_estimator_
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    samples = kde.sample(n, random_state=seed) * scale.std + scale.mean
+    samples = scale.inverse(kde.sample(n, random_state=seed))
     sample_s = time.perf_counter() - start
-    loglik = float(kde.score_samples(scale(test)).mean() - scale.log_det)
+    loglik = float(kde.score_samples(scale.forward(test)).mean() - _log_det(scale))
     return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s,
                 bandwidth=float(kde.bandwidth))
 
 
 def fit_gmm(train, test, n, seed):
     from sklearn.mixture import GaussianMixture as SkGMM
-    scale = Standard(train)
+    scale = Standardizer.fit(train)
     start = time.perf_counter()
     best = None
     for k in range(1, 11):
         if k > len(train) // 10:
             break
-        gmm = SkGMM(k, covariance_type="full", random_state=seed, reg_covar=1e-6).fit(scale(train))
-        bic = gmm.bic(scale(train))
+        gmm = SkGMM(k, covariance_type="full", random_state=seed, reg_covar=1e-6).fit(scale.forward(train))
+        bic = gmm.bic(scale.forward(train))
         if best is None or bic < best[0]:
             best = (bic, gmm)
     gmm = best[1]
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    samples = gmm.sample(n)[0] * scale.std + scale.mean
+    samples = scale.inverse(gmm.sample(n)[0])
     sample_s = time.perf_counter() - start
-    loglik = float(gmm.score_samples(scale(test)).mean() - scale.log_det)
+    loglik = float(gmm.score_samples(scale.forward(test)).mean() - _log_det(scale))
     return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, components=gmm.n_components)
 
 
@@ -170,8 +168,8 @@ def fit_flow(train, test, n, seed, max_epochs=150, patience=15):
 
     import zuko
     torch.manual_seed(seed)
-    scale = Standard(train)
-    rows = torch.tensor(scale(train), dtype=torch.float32)
+    scale = Standardizer.fit(train)
+    rows = torch.tensor(scale.forward(train), dtype=torch.float32)
     order = torch.randperm(len(rows))
     cut = max(1, len(rows) // 10)
     val, fit_rows = rows[order[:cut]], rows[order[cut:]]
@@ -199,9 +197,9 @@ def fit_flow(train, test, n, seed, max_epochs=150, patience=15):
     fit_s = time.perf_counter() - start
     with torch.no_grad():
         start = time.perf_counter()
-        samples = flow().sample((n,)).numpy() * scale.std + scale.mean
+        samples = scale.inverse(flow().sample((n,)).numpy())
         sample_s = time.perf_counter() - start
-        loglik = float(flow().log_prob(torch.tensor(scale(test), dtype=torch.float32)).mean()) - scale.log_det
+        loglik = float(flow().log_prob(torch.tensor(scale.forward(test), dtype=torch.float32)).mean()) - _log_det(scale)
     return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s)
 
 
@@ -209,14 +207,14 @@ METHODS = {"bdiff": fit_bdiff, "kde_cv": fit_kde, "gmm_bic": fit_gmm, "nsf_flow"
 
 
 def sample_scores(samples, test, train, law, seed=0):
-    scale = Standard(train)
-    x, t = scale(samples), scale(test)
+    scale = Standardizer.fit(train)
+    x, t = scale.forward(samples), scale.forward(test)
     half = len(t) // 2
     a = t[:half]
     bandwidth = median_bandwidth(a, t[half:], seed=seed)
     finite = np.isfinite(x).all(1)
     out = {"c2st": c2st(x[finite], t, seed), "mmd_median": mmd(x[finite], t, bandwidth),
-           "far_share": far_share(x[finite], scale(train), t),
+           "far_share": far_share(x[finite], scale.forward(train), t),
            "nonfinite_samples": float(1 - finite.mean())}
     if law is not None and hasattr(law, "component") and len(law.weights) <= 8:
         out["mode_weight_error"] = mode_weight_error(law, samples[finite])

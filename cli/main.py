@@ -3,6 +3,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -177,7 +178,6 @@ class _PlainProgress:
     log file), where the rich bar draws nothing."""
 
     def __init__(self, progress, what):
-        import time
         self.clock, self.what, self.every = time.monotonic, what, PLAIN_PROGRESS_SECONDS
         self.enabled = progress.disable
         self.last = self.clock()
@@ -260,7 +260,7 @@ def sample_command(
     save_array(output, values.reshape(len(values), *shape))
     share = report["low_density_share"]
     out.print(f"wrote {escape(str(output))}: {n} samples ({_sampler_text(report)}); "
-              f"{report['low_density_share']:.2%} ended where s ≈ 0", highlight=False)
+              f"{share:.2%} ended where s ≈ 0", highlight=False)
 
 
 def _sampler_text(report):
