@@ -22,12 +22,15 @@ from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, fiel
 
 
 VAL_TOLERANCE = 0.01  # a relative fall of the validation loss smaller than this is no progress
+SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
 
 
 @dataclass
 class FitConfig:
     steps: int = 3000            # a cap: training stops earlier when the validation loss stalls
-    batch_size: int = 1024
+    batch_size: int = None       # queries per step; None: 1024, or SMALL_BATCH for data sets under
+    #                              SMALL_DATA_ROWS rows (same held-out likelihood there, 3-4x faster;
+    #                              NOTES.md)
     lr: float = 2e-3
     width: int = 256
     depth: int = 3
@@ -60,7 +63,7 @@ class FitConfig:
     patience: int = 5            # validations without a VAL_TOLERANCE gain before training stops; 0: never
 
     def validate(self):
-        if self.steps < 1 or self.batch_size < 2:
+        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 2):
             raise BdiffError("--steps must be >= 1 and --batch-size >= 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BdiffError(f"--lr must be a positive number, got {self.lr}")
@@ -107,6 +110,8 @@ class Trainer:
         rows = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
         self.dim = rows.shape[1]
         cfg.param = resolve_param(cfg.param)
+        if cfg.batch_size is None:
+            cfg.batch_size = SMALL_BATCH if len(values) < SMALL_DATA_ROWS else BATCH
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None

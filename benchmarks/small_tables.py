@@ -48,7 +48,7 @@ def main():
             np.savetxt(train_csv, train, delimiter=",")
             np.savetxt(test_csv, test, delimiter=",")
             model, metrics = os.path.join(folder, f"{name}.safetensors"), os.path.join(folder, f"{name}.json")
-            fit_s, fit = timed(["bdiff", "fit", train_csv, "-o", model])
+            fit_s, fit = timed(["bdiff", "fit", train_csv, "-o", model, "--force"])
             evaluate_s, _ = timed(["bdiff", "evaluate", "-c", model, "--data", test_csv, "--train", train_csv,
                                    "--json", metrics])
             with open(metrics) as handle:

@@ -82,7 +82,8 @@ def fit(
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
     steps: int = typer.Option(3000, help="Most training steps; training stops earlier when the loss "
                               "on 10% of the rows kept out stops improving."),
-    batch_size: int = typer.Option(1024, help="Query points per step."),
+    batch_size: Optional[int] = typer.Option(None, help="Query points per step. Default: 1024, or "
+                                             "128 for data sets under 1000 rows."),
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
                                         "units). Default: from --eps-rule."),

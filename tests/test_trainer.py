@@ -157,3 +157,13 @@ def test_training_stops_when_the_validation_loss_stalls_and_keeps_the_best_weigh
     assert trainer.stopped_early and trainer.step < 3000
     assert trainer.validation.loss(trainer.ema) == pytest.approx(trainer.best_val, rel=1e-6)
     assert trainer.best_val <= min(loss for _, loss in trainer.val_history) / (1 - 0.01)
+
+
+def test_batch_size_follows_the_data_size(mixture_small):
+    """Small tables train on small batches (issue 15: fit takes as long as the data needs);
+    an explicit --batch-size always wins."""
+    def batch(rows, **options):
+        return Trainer(mixture_small[:rows], FitConfig(steps=1, width=16, depth=1, **options)).cfg.batch_size
+    assert batch(300) == 128
+    assert batch(1200) == 1024
+    assert batch(300, batch_size=512) == 512
