@@ -38,6 +38,23 @@ def resolve(backend, device):
     return name
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed):
+    if not 0 <= seed <= MAX_SEED:
+        raise BdiffError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
+
+
+def check_memory(nbytes, what):
+    """One clear error before an allocation that cannot fit in this machine's memory (an
+    allocator failure mid-run is an opaque RuntimeError)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total:
+        raise BdiffError(f"{what} needs about {nbytes / 2**30:.3g} GiB of memory; this machine has "
+                         f"{total / 2**30:.3g} GiB")
+
+
 def check_device(device):
     """The device name, or one clear error for an unknown one or a missing GPU."""
     if device != "cpu" and not device.startswith("cuda"):

@@ -61,6 +61,10 @@ class PeakMemory:
         return False
 
 
+CSV_KEYS = ["op", "backend", "B", "M", "D", "device", "median_s", "pairs_per_s", "peak_mem_mb",
+            "ratio_vs_naive", "gflops", "fraction_of_peak", "note"]
+
+
 def keops_available():
     try:
         import pykeops  # noqa: F401

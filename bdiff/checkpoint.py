@@ -1,7 +1,12 @@
 """Checkpoints: one safetensors file with weights, EMA weights, optimiser state, RNG state and
-JSON metadata. Written to a temp file and renamed, so a crash never leaves half a file."""
+JSON metadata. Written to a temp file and renamed, so a crash never leaves half a file. The
+metadata carries a SHA-256 of the tensors, verified on load, and is checked against a schema
+before anything is built from it (docs/design.md §5)."""
+import hashlib
 import json
+import math
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -10,7 +15,7 @@ from bdiff import __version__
 from bdiff.data import atomic_path
 from bdiff.errors import BdiffError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor checksum
 META_KEY = "bdiff"
 
 
@@ -22,9 +27,22 @@ def save_checkpoint(path, model, ema, optimizer, generator, meta):
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     tensors["rng"] = generator.get_state()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = dict(meta, format_version=FORMAT_VERSION, version=__version__)
+    meta = dict(meta, format_version=FORMAT_VERSION, version=__version__, checksum=checksum(tensors))
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+        except SafetensorError as err:  # a full disk arrives as this, not as OSError
+            raise OSError(str(err)) from None
+
+
+def checksum(tensors):
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_checkpoint(path):
@@ -45,11 +63,92 @@ def read_checkpoint(path):
         meta = json.loads(raw_meta)
     except json.JSONDecodeError:
         raise BdiffError(f"{path}: checkpoint metadata is corrupt")
+    if not isinstance(meta, dict):
+        raise BdiffError(f"{path}: checkpoint metadata is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise BdiffError(f"{path} has checkpoint format {version}; this bdiff {__version__} "
-                         f"reads format {FORMAT_VERSION}")
+                         f"reads format {FORMAT_VERSION} (train it again with `bdiff fit`)")
+    if meta.get("checksum") != checksum(tensors):
+        raise BdiffError(f"{path}: the tensors do not match their checksum (the file is corrupt "
+                         "or was edited)")
+    try:
+        validate_meta(meta, tensors)
+    except MetaError as err:
+        raise BdiffError(f"{path}: invalid checkpoint metadata: {err}") from None
     return tensors, meta
+
+
+class MetaError(ValueError):
+    pass
+
+
+ARCHS, PARAMS = ("shared", "separate"), ("linear", "log")
+
+
+def validate_meta(meta, tensors):
+    """Every metadata field a model is built from: types, ranges, and the network sizes
+    against the stored tensors' shapes, before anything is allocated from them."""
+    def need(ok, what):
+        if not ok:
+            raise MetaError(what)
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def whole(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    dim = meta.get("dim")
+    need(whole(dim) and dim >= 1, f"dim must be a positive integer, got {dim!r}")
+    need(number(meta.get("eps")) and meta["eps"] > 0, f"eps must be a positive number, got {meta.get('eps')!r}")
+    need(number(meta.get("log_c")), f"log_c must be a finite number, got {meta.get('log_c')!r}")
+    shape = meta.get("item_shape")
+    need(isinstance(shape, list) and shape and all(whole(v) and v >= 1 for v in shape)
+         and int(np.prod(shape)) == dim, f"item_shape must be positive integers with product dim={dim}, "
+         f"got {shape!r}")
+    standardizer = meta.get("standardizer")
+    need(isinstance(standardizer, dict), "standardizer missing")
+    for key in ("mean", "std"):
+        values = standardizer.get(key)
+        need(isinstance(values, list) and len(values) == dim and all(number(v) for v in values),
+             f"standardizer {key} must be {dim} finite numbers")
+    need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
+    constant = standardizer.get("constant", [])
+    need(isinstance(constant, list) and all(whole(i) and 0 <= i < dim for i in constant),
+         "standardizer constant must list column indices")
+    levels = meta.get("levels")
+    need(levels is None or (isinstance(levels, list) and len(levels) == 2 and all(number(v) for v in levels)
+                            and 0 < levels[0] < levels[1]), f"levels must be null or [ε_min, ε_max] "
+         f"with 0 < ε_min < ε_max, got {levels!r}")
+    config = meta.get("config")
+    need(isinstance(config, dict), "config missing")
+    need(config.get("arch") in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {config.get('arch')!r}")
+    need(config.get("param", "linear") in PARAMS, f"param must be one of {', '.join(PARAMS)}")
+    need(levels is None or config.get("param") == "log", "levels need log fields")
+    for key in ("width", "depth"):
+        need(whole(config.get(key)) and config[key] >= 1, f"{key} must be a positive integer, "
+             f"got {config.get(key)!r}")
+    need(whole(meta.get("step")) and meta["step"] >= 0, "step must be a non-negative integer")
+    _check_network_shapes(config, dim, levels, tensors, need)
+
+
+def _check_network_shapes(config, dim, levels, tensors, need):
+    """The EMA network's tensor shapes must be exactly those of the stored width and depth:
+    computed from the numbers, so a forged width or depth allocates nothing."""
+    from bdiff.fields import LEVEL_FEATURES
+    size_in = dim + (LEVEL_FEATURES if levels else 0)
+    width, depth = config["width"], config["depth"]
+    heads = {"net": 1 + dim} if config["arch"] == "shared" else {"scalar_net": 1, "gradient_net": dim}
+    stored = {k[4:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("ema.")}
+    need(len(stored) == 2 * (depth + 1) * len(heads), f"depth {depth} does not match the stored network")
+    for head, size_out in heads.items():
+        sizes = [size_in] + [width] * depth + [size_out]
+        for layer in range(depth + 1):
+            index = 2 * layer  # Linear, SiLU, Linear, ...: the linear layers sit at even indices
+            need(stored.get(f"{head}.{index}.weight") == (sizes[layer + 1], sizes[layer])
+                 and stored.get(f"{head}.{index}.bias") == (sizes[layer + 1],),
+                 f"width {width} and depth {depth} do not match the stored network")
 
 
 def split_state(tensors, prefix):

@@ -1,7 +1,10 @@
-"""Loading, validating and standardising data sets."""
+"""Loading, validating and standardising data sets; writing outputs safely."""
+import csv
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import zipfile
 from dataclasses import dataclass
 
@@ -23,12 +26,20 @@ class Data:
 def load_data(spec, key=None, split="train", n=None):
     """A built-in dataset by name or a file; validated and flattened to (N, D) float32."""
     spec = str(spec)
+    check_key(spec, key)
     if spec in BUILTINS and not os.path.exists(spec):
         array = BUILTINS[spec].load(split, n)
         item_shape = (8, 8) if spec == "digits" else (array.shape[1],)
         return Data(array, spec, item_shape)
     array = _read_file(spec, key)
     return _validated(array, spec)
+
+
+def check_key(spec, key):
+    """--key names an array inside a .npz or .safetensors file; anywhere else it would be
+    silently ignored."""
+    if key is not None and os.path.splitext(str(spec))[1].lower() not in (".npz", ".safetensors"):
+        raise BdiffError(f"--key names an array inside a .npz or .safetensors file; {spec} has none")
 
 
 def _read_file(path, key):
@@ -47,7 +58,7 @@ def _read_file(path, key):
             with open(path, "rb") as handle:
                 if handle.read(6) != b"\x93NUMPY":  # else np.load mistakes it for a pickle
                     raise BdiffError(f"cannot read {path}: not a .npy file")
-            return np.load(path, allow_pickle=False)
+            return np.load(path, allow_pickle=False, mmap_mode="r")  # read in _validated's chunks
         if ext == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 return _pick(dict(archive.items()), key, path)
@@ -58,7 +69,7 @@ def _read_file(path, key):
     except BdiffError:
         raise
     except ValueError as err:
-        if "pickle" in str(err).lower():
+        if "pickle" in str(err).lower() or "python objects" in str(err).lower():
             raise BdiffError(f"{path} holds Python objects (pickled); bdiff reads numeric arrays only")
         raise BdiffError(f"cannot read {path}: {err}")
     except (OSError, EOFError, zipfile.BadZipFile, Exception) as err:  # noqa: B014 - any parser failure
@@ -104,47 +115,72 @@ def _validated(array, source):
     if array.shape[0] < 2:
         raise BdiffError(f"{source}: one row is not a distribution; need at least 2 rows")
     item_shape = array.shape[1:]
-    flat = array.reshape(array.shape[0], -1).astype(np.float64)
-    bad = ~np.isfinite(flat).all(axis=1)
-    if bad.any():
-        raise BdiffError(f"{source}: {int(bad.sum())} rows contain NaN or inf "
-                         f"(first: row {int(np.argmax(bad))}); clean them first")
-    if np.abs(flat).max() > 1e30:
-        raise BdiffError(f"{source}: values up to {np.abs(flat).max():.3g} overflow float32")
-    return Data(flat.astype(np.float32), source, tuple(item_shape))
+    flat = array.reshape(array.shape[0], -1)
+    values = np.empty(flat.shape, dtype=np.float32)
+    for rows in _chunks(len(flat)):  # one float32 copy; float64 only one chunk at a time
+        chunk = np.asarray(flat[rows], dtype=np.float64)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            raise BdiffError(f"{source}: rows contain NaN or inf (first: row {rows.start + int(np.argmax(bad))}); "
+                             "clean them first")
+        if np.abs(chunk).max() > 1e30:
+            raise BdiffError(f"{source}: values up to {np.abs(chunk).max():.3g} overflow float32")
+        values[rows] = chunk
+    return Data(values, source, tuple(item_shape))
+
+
+CHUNK_ROWS = 1 << 20
+
+
+def _chunks(count):
+    return [slice(start, min(start + CHUNK_ROWS, count)) for start in range(0, count, CHUNK_ROWS)]
 
 
 @dataclass
 class Standardizer:
     mean: np.ndarray
-    std: np.ndarray
+    std: np.ndarray               # 1 for constant columns, so forward() stays finite
+    constant: np.ndarray = None   # columns with no spread: inverse() puts them back exactly
 
     @classmethod
     def fit(cls, values, pooled=False):
         """Per-column mean and std; pooled=True uses one std for all columns (images: pixels
         share units, and a near-constant border pixel must not be blown up by its tiny std)."""
-        std = values.std(0, dtype=np.float64)
+        mean = sum(values[rows].sum(0, dtype=np.float64) for rows in _chunks(len(values))) / len(values)
+        squares = sum(((values[rows] - mean) ** 2).sum(0) for rows in _chunks(len(values)))
+        std = np.sqrt(squares / len(values))
+        constant = std == 0
         if pooled:
-            std = np.full_like(std, (values - values.mean(0)).std(dtype=np.float64))
-        return cls(values.mean(0, dtype=np.float64), np.where(std > 0, std, 1.0))
+            std = np.full_like(std, np.sqrt(squares.sum() / squares.size))
+        return cls(mean, np.where(std > 0, std, 1.0), constant)
 
     def forward(self, values):
-        return ((values - self.mean) / self.std).astype(np.float32)
+        out = np.empty(values.shape, dtype=np.float32)
+        for rows in _chunks(len(values)):
+            out[rows] = (values[rows] - self.mean) / self.std
+        return out
 
     def inverse(self, values):
-        return (values * self.std + self.mean).astype(np.float32)
+        scale = self.std if self.constant is None else np.where(self.constant, 0.0, self.std)
+        return (values * scale + self.mean).astype(np.float32)
 
     def to_dict(self):
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        d = {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        if self.constant is not None:
+            d["constant"] = [int(i) for i in np.flatnonzero(self.constant)]
+        return d
 
     @classmethod
     def from_dict(cls, d):
-        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+        mean = np.asarray(d["mean"], dtype=np.float64)
+        constant = np.zeros(len(mean), dtype=bool)
+        constant[list(d.get("constant", []))] = True
+        return cls(mean, np.asarray(d["std"], dtype=np.float64), constant)
 
 
 def fingerprint(values):
     """Short content hash of a data set, stored in checkpoints to tell data sets apart."""
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).data).hexdigest()[:16]
 
 
 def save_array(path, values):
@@ -162,7 +198,8 @@ def save_array(path, values):
 
 def check_writable(path, extensions=None):
     """One clear error unless `path` can be written: an allowed suffix, an existing writable
-    folder, not a directory. Called before long work so it is not lost at the end."""
+    folder, and nothing there but a regular file. Called before long work so it is not lost at
+    the end (docs/design.md §5)."""
     path = os.path.abspath(path)
     if extensions and os.path.splitext(path)[1].lower() not in extensions:
         raise BdiffError(f"cannot write {path}: use a {' or '.join(extensions)} file name")
@@ -173,7 +210,29 @@ def check_writable(path, extensions=None):
         raise BdiffError(f"cannot write {path}: folder {folder} is not writable")
     if os.path.isdir(path):
         raise BdiffError(f"cannot write {path}: it is a directory")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise BdiffError(f"cannot write {path}: it is not a regular file")
     return path
+
+
+def check_output(path, extensions, replace=False, inputs=()):
+    """check_writable, and: an existing file is replaced only with `replace` (--force), and
+    never when it is one of the `inputs` (the data a command reads), however it is named."""
+    path = check_writable(path, extensions)
+    if os.path.exists(path):
+        for source in inputs:
+            if source is not None and os.path.exists(source) and os.path.samefile(path, source):
+                raise BdiffError(f"cannot write {path}: it is the input data {source}")
+        if not replace:
+            raise BdiffError(f"{path} exists; use --force to replace it")
+    return path
+
+
+def make_output_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise BdiffError(f"cannot create {path}: {err.strerror}")
 
 
 def save_json(path, value):
@@ -182,19 +241,36 @@ def save_json(path, value):
             json.dump(value, handle, indent=1, default=str, allow_nan=False)
 
 
+def save_csv(path, records, keys):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+
+
+TMP_MARK = ".tmp-"
+
+
 class atomic_path:
-    """Context manager yielding a temp path beside `path`, renamed over it on success only."""
+    """Context manager yielding a temp path beside `path`, renamed over it on success only.
+    The temp file is flushed to disk before the rename (a crash leaves the old file or the new
+    one), gets the mode of the file it replaces (a new file: the umask's), and temp files left
+    by killed writers are removed."""
 
     def __init__(self, path):
         self.path = check_writable(path)
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self.tmp = f"{self.path}{TMP_MARK}{os.getpid()}"
 
     def __enter__(self):
+        _remove_stale_temporaries(self.path)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
+                _sync(self.tmp)
+                os.chmod(self.tmp, _mode_for(self.path))
                 os.replace(self.tmp, self.path)
             except OSError as err:
                 _remove(self.tmp)
@@ -203,6 +279,70 @@ class atomic_path:
             _remove(self.tmp)
             if isinstance(exc, OSError):
                 raise BdiffError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        return False
+
+
+def _sync(path):
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _mode_for(path):
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _remove_stale_temporaries(path):
+    """`path.tmp-PID` files whose writer no longer runs (killed mid-save)."""
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder):
+        if not entry.startswith(name + TMP_MARK):
+            continue
+        pid = entry[len(name + TMP_MARK):]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(os.path.join(folder, entry))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class output_lock:
+    """An exclusive lock on an output for a whole command, so two processes never write the
+    same checkpoint: the second gets one clear error. A lock file beside the output, removed
+    at the end."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        folder, name = os.path.split(self.path)
+        self.lock_path = os.path.join(folder, f".{name}.lock")
+
+    def __enter__(self):
+        try:
+            self.handle = open(self.lock_path, "a")
+        except OSError as err:
+            raise BdiffError(f"cannot lock {self.lock_path}: {err.strerror}")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise BdiffError(f"another bdiff process is writing {self.path}; "
+                             "wait for it or choose another --output") from None
+        return self
+
+    def __exit__(self, *exc):
+        _remove(self.lock_path)
+        self.handle.close()
         return False
 
 

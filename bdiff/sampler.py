@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bdiff.backend import field_matching, oracle_sde_step, sde_step
+from bdiff.backend import check_memory, check_seed, field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
 
 INITS = ("importance", "gaussian")
@@ -55,6 +55,7 @@ class SampleConfig:
             raise BdiffError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1:
             raise BdiffError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_seed(self.seed)
         if SAMPLERS[self.sampler].needs_levels and self.init != "gaussian":
             raise BdiffError(f"the {self.sampler} sampler starts from its broadest level's Gaussian; "
                              "--init importance does not apply to it")
@@ -114,7 +115,7 @@ class Plan:
 
 def field_scale(fields, cfg, device):
     """(log of max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
-    generator = torch.Generator().manual_seed(cfg.seed + 7_777)
+    generator = torch.Generator().manual_seed((cfg.seed + 7_777) % 2**63)
     probe = (torch.randn(8192, fields.dim, generator=generator) * cfg.proposal_std).to(device)
     log_s, score = fields.log_fields(probe)
     g_norm = (score * torch.exp(log_s - log_s.max()).unsqueeze(1)).norm(dim=1)
@@ -298,6 +299,8 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
+    check_memory(3 * 4 * n * fields.dim, "--n")  # float32 batches, their concatenation, the output
+    check_memory(64 * min(n, cfg.batch_size) * (fields.dim + 512), "--batch-size")  # network activations
     chosen = SAMPLERS[cfg.sampler]
     if chosen.needs_levels and fields.levels is None:
         raise BdiffError(f"the {cfg.sampler} sampler needs a model trained with noise levels "
@@ -306,7 +309,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
     batches, extras = [], []
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
-        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + start)
+        generator = torch.Generator().manual_seed((cfg.seed * 7_919 + start) % 2**63)
         batch_plan = dataclasses.replace(plan, offset=start)
         x = _start(fields, count, cfg, batch_plan, generator, device)
         x, extra = chosen.run(fields, x, cfg, batch_plan, generator)

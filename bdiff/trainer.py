@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from bdiff.backend import check_device
+from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import Standardizer, fingerprint
 from bdiff.density import reliable, select_eps
@@ -23,6 +23,9 @@ from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, fiel
 
 VAL_TOLERANCE = 0.01  # a relative fall of the validation loss smaller than this is no progress
 SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
+MAX_WIDTH, MAX_DEPTH = 16384, 64
+# options a resumed run takes from now; every other option is the stored run's
+RESUME_OPTIONS = ("steps", "checkpoint_every", "device", "backend")
 
 
 @dataclass
@@ -65,6 +68,10 @@ class FitConfig:
     def validate(self):
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 2):
             raise BdiffError("--steps must be >= 1 and --batch-size >= 2")
+        for name, value, most in (("width", self.width, MAX_WIDTH), ("depth", self.depth, MAX_DEPTH)):
+            if not 1 <= value <= most:
+                raise BdiffError(f"--{name} must be between 1 and {most}, got {value}")
+        check_seed(self.seed)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BdiffError(f"--lr must be a positive number, got {self.lr}")
         if self.grad_loss not in GRAD_LOSSES:
@@ -105,6 +112,9 @@ class Trainer:
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.item_shape = tuple(item_shape or values.shape[1:])
         self.standardizer = Standardizer.fit(values, pooled=len(self.item_shape) >= 2)
+        if self.standardizer.constant.all():
+            raise BdiffError(f"{source}: all rows are identical; there is no distribution to learn")
+        self.constant_columns = [int(i) for i in np.flatnonzero(self.standardizer.constant)]
         self.fingerprint = fingerprint(values)
         self.device = torch.device(cfg.device)
         rows = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
@@ -112,6 +122,8 @@ class Trainer:
         cfg.param = resolve_param(cfg.param)
         if cfg.batch_size is None:
             cfg.batch_size = SMALL_BATCH if len(values) < SMALL_DATA_ROWS else BATCH
+        # activations of both networks, forward and backward, with room to spare
+        check_memory(cfg.batch_size * (cfg.width * cfg.depth * 64 + self.dim * 64), "--batch-size")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None
@@ -127,7 +139,7 @@ class Trainer:
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
         self._build()
-        self.step, self.train_seconds = 0, 0.0
+        self.step = 0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
         self.validation = None if self.val_rows is None else ValidationSet(
             self.val_rows, self.refs, self.eps, self.log_c, self.levels, self.generator, cfg.backend)
@@ -145,7 +157,7 @@ class Trainer:
                 "standardizer": self.standardizer.to_dict(), "dim": self.dim,
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
-                "train_seconds": self.train_seconds, "eps_search": self.eps_scores,
+                "eps_search": self.eps_scores,
                 "eps_model_search": self.eps_model_scores,
                 "levels": None if self.levels is None else list(self.levels),
                 "n_validation": 0 if self.val_rows is None else len(self.val_rows),
@@ -154,17 +166,25 @@ class Trainer:
     def save(self, path):
         save_checkpoint(path, self.model, self.ema, self.optimizer, self.generator, self.meta())
 
-    def restore(self, path):
-        """Continue from a checkpoint of a run on the same data, with that run's settings
-        (only the target number of steps and the checkpoint interval are taken from now)."""
+    def restore(self, path, given=()):
+        """Continue from a checkpoint of a run on the same data, with that run's settings: only
+        RESUME_OPTIONS are taken from now. `given` names the options the user set; one that
+        differs from the stored run's is an error, not silently ignored."""
         tensors, meta = read_checkpoint(path)
-        if meta["fingerprint"] != self.fingerprint:
-            raise BdiffError(f"{path} was trained on different data ({meta['source']}); "
+        if meta.get("fingerprint") != self.fingerprint:
+            raise BdiffError(f"{path} was trained on different data ({meta.get('source')}); "
                              "resume needs the same data set")
-        self.cfg = FitConfig.from_dict(dict(meta["config"], steps=self.cfg.steps,
-                                            checkpoint_every=self.cfg.checkpoint_every))
+        stored = FitConfig.from_dict(meta["config"])
+        for name in given:
+            if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
+                continue
+            mine, theirs = getattr(self.cfg, name), getattr(stored, name)
+            if mine != theirs and not (name in ("eps_rule", "param", "arch") and mine == "auto"):
+                raise BdiffError(f"--{name.replace('_', '-')} {mine} differs from the stored run's "
+                                 f"{theirs}; --resume continues that run with its own settings "
+                                 "(start a new run with --force instead)")
+        self.cfg = dataclasses.replace(stored, **{k: getattr(self.cfg, k) for k in RESUME_OPTIONS})
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
-        self.train_seconds = meta.get("train_seconds", 0.0)
         self.eps_scores, self.eps_model_scores = meta.get("eps_search"), meta.get("eps_model_search")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
@@ -254,12 +274,11 @@ class Trainer:
         """Train to cfg.steps, or until the validation loss stalls (then the best EMA weights
         are kept). Checkpoints every cfg.checkpoint_every steps, at the end, and on Ctrl-C
         (then re-raises KeyboardInterrupt so the caller can exit)."""
-        start, previous = time.perf_counter(), self.train_seconds
-        self.stopped_early = False
+        start = time.perf_counter()
+        self.stopped_early, self.signal = False, None
         with _deferred_interrupt() as interrupted:
             while self.step < self.cfg.steps and not interrupted():
                 losses = self.train_step()
-                self.train_seconds = previous + time.perf_counter() - start
                 if on_step is not None:
                     on_step(self.step, losses, time.perf_counter() - start)
                 if self.validation is not None and self.step % self.cfg.eval_every == 0 and self.validate():
@@ -269,6 +288,7 @@ class Trainer:
                 if checkpoint_path and self.step % self.cfg.checkpoint_every == 0:
                     self.save(checkpoint_path)
         if interrupted():
+            self.signal = interrupted()
             if checkpoint_path:
                 self.save(checkpoint_path)
             raise KeyboardInterrupt
@@ -280,13 +300,16 @@ class Trainer:
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """Turn Ctrl-C into a flag checked between steps, so a checkpoint never holds half a step."""
-    flag = threading.Event()
+    """Turn Ctrl-C and SIGTERM into a flag checked between steps, so a checkpoint never holds
+    half a step. The flag reads as the signal's number (0 before one arrives)."""
+    received = []
     if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
+        yield lambda: 0
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, _: received.append(number)) for number in handled}
     try:
-        yield flag.is_set
+        yield lambda: received[0] if received else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -25,6 +25,22 @@ err = Console(stderr=True)
 DEFAULT_CHECKPOINT = "bdiff.safetensors"
 
 
+def say(text):
+    """A plain line on stdout: user text (paths, names) is never read as rich markup."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def tell(text):
+    """A plain line on stderr (progress, warnings), never read as markup."""
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _out_of_memory(error):
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text or "failed to allocate" in text))
+
+
 def friendly(command):
     """Turn engine errors into one red line on stderr and exit code 2 (1 for the unexpected)."""
     @functools.wraps(command)
@@ -34,14 +50,14 @@ def friendly(command):
         except BdiffError as error:
             err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
-        except MemoryError:
-            err.print("[red]error:[/red] out of memory; try a smaller --batch-size")
-            raise typer.Exit(2)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as error:  # noqa: BLE001 - last line of defence against tracebacks
             if os.environ.get("BDIFF_DEBUG"):
                 raise
+            if _out_of_memory(error):
+                err.print("[red]error:[/red] out of memory; try a smaller --batch-size or --n")
+                raise typer.Exit(2)
             err.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} "
                       "(set BDIFF_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
@@ -75,6 +91,7 @@ def _threads():
 @app.command()
 @friendly
 def fit(
+    ctx: typer.Context,
     data: str = typer.Argument(..., help="A .npy/.npz/.csv/.safetensors file, or a built-in: "
                                "intervals, mixture, clusters, checkerboard, moons, swissroll, digits, "
                                "wine, breast_cancer."),
@@ -109,7 +126,8 @@ def fit(
                                           "naive, reference (default: automatic)."),
     checkpoint_every: int = typer.Option(500, help="Write the checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run stored in --output."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output (never the "
+                               "input data)."),
 ):
     """Train the scalar and gradient fields on DATA and write a checkpoint.
 
@@ -121,7 +139,7 @@ def fit(
 
       bdiff fit data.npy -o model.safetensors --steps 8000 --resume
     """
-    from bdiff.data import load_data
+    from bdiff.data import check_output, load_data, output_lock
     from bdiff.trainer import FitConfig, Trainer
 
     loaded = load_data(data, key=key)  # the input first: its error is the one to see
@@ -131,21 +149,45 @@ def fit(
         raise BdiffError(f"--resume: no checkpoint at {output}")
     if checkpoint_every < 1:
         raise BdiffError("--checkpoint-every must be >= 1")
-    _check_output(output, (".safetensors",))  # before any training: a bad path must not cost a fit
+    # before any training: a bad path must not cost a fit
+    check_output(output, (".safetensors",), replace=True, inputs=(data,))
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
-    trainer = Trainer(loaded.values, cfg, loaded.source, loaded.item_shape)
-    if resume:
-        trainer.restore(output)
-        if trainer.step >= trainer.cfg.steps:
-            raise BdiffError(f"{output} already has {trainer.step} steps; ask for more with --steps")
-    err.print(f"fitting {loaded.source}: {len(loaded.values)} points, D={trainer.dim}, "
-              f"ε={trainer.eps:.4g} ({'given' if trainer.cfg.eps is not None else trainer.cfg.eps_rule}), "
-              f"{trainer.cfg.param} fields{_levels_text(trainer.levels)}, log C={trainer.log_c:.3f}, "
-              f"from step {trainer.step}",
-              highlight=False)
+    with output_lock(output):
+        if len(loaded.values) >= 100_000:
+            tell(f"preparing {loaded.source}: {len(loaded.values)} rows; choosing ε and log C first")
+        trainer = Trainer(loaded.values, cfg, loaded.source, loaded.item_shape)
+        if resume:
+            trainer.restore(output, given=_given(ctx))
+            if trainer.step >= trainer.cfg.steps:
+                raise BdiffError(f"{output} already has {trainer.step} steps; ask for more with --steps")
+        tell(f"fitting {loaded.source}: {len(loaded.values)} points, D={trainer.dim}, "
+             f"ε={trainer.eps:.4g} ({'given' if trainer.cfg.eps is not None else trainer.cfg.eps_rule}), "
+             f"{trainer.cfg.param} fields{_levels_text(trainer.levels)}, log C={trainer.log_c:.3f}, "
+             f"batch {trainer.cfg.batch_size}, from step {trainer.step}")
+        if trainer.constant_columns:
+            tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant; "
+                 "samples keep them at their value")
+        seconds = _train(trainer, output, data)
+    if trainer.stopped_early:
+        tell(f"stopped at step {trainer.step}: the validation loss stopped improving")
+    for line in trainer.fit_report():
+        tell(line)
+    say(f"wrote {output} ({trainer.step} steps in {seconds:.1f} s)")
+
+
+def _given(ctx):
+    """Names of the options the user set on the command line (not left at their default)."""
+    # by the enum's name: Typer ships click's ParameterSource in a private module
+    return [name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+
+
+def _train(trainer, output, data):
+    """trainer.run with a progress bar (plain lines when piped). Ctrl-C or SIGTERM: the
+    checkpoint is saved, and the exit code is 128 + the signal's number."""
     with _progress() as progress:
         task = progress.add_task("fit", total=trainer.cfg.steps, completed=trainer.step, info="")
         first = trainer.step
@@ -159,19 +201,15 @@ def fit(
                 plain.report(f"step {step}/{trainer.cfg.steps}  {info}")
 
         try:
-            seconds = trainer.run(output, on_step)
+            return trainer.run(output, on_step)
         except KeyboardInterrupt:
-            err.print(f"interrupted at step {trainer.step}; checkpoint saved to {escape(str(output))}. "
-                      f"Continue with: bdiff fit {escape(str(data))} -o {escape(str(output))} --resume")
-            raise typer.Exit(130)
-    if trainer.stopped_early:
-        err.print(f"stopped at step {trainer.step}: the validation loss stopped improving", highlight=False)
-    for line in trainer.fit_report():
-        err.print(line, highlight=False)
-    out.print(f"wrote {escape(str(output))} ({trainer.step} steps in {seconds:.1f} s)", highlight=False)
+            number = trainer.signal or signal.SIGINT
+            tell(f"interrupted at step {trainer.step}; checkpoint saved to {output}. "
+                 f"Continue with: bdiff fit {data} -o {output} --resume")
+            raise typer.Exit(128 + number)
 
 
-PLAIN_PROGRESS_SECONDS = 5.0
+PLAIN_PROGRESS_SECONDS = float(os.environ.get("BDIFF_PROGRESS_SECONDS", 5.0))
 
 
 class _PlainProgress:
@@ -186,7 +224,7 @@ class _PlainProgress:
     def report(self, text):
         if self.enabled and self.clock() - self.last >= self.every:
             self.last = self.clock()
-            err.print(f"{self.what}: {text}", highlight=False)
+            tell(f"{self.what}: {text}")
 
 
 def _levels_text(levels):
@@ -233,10 +271,12 @@ def sample_command(
                                         "for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
                                            "step x + ε∇log s that removes the N(0, εI) smoothing."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
+    seed: int = typer.Option(0, help="Random seed; the same seed and --batch-size give the same "
+                             "file (particles in one batch share the sampler's resampling)."),
     batch_size: int = typer.Option(10_000, help="Particles simulated at once."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     backend: Optional[str] = typer.Option(None, help="Kernel backend (default: automatic)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
 ):
     """Draw samples from a trained model, in data units: down its noise levels (the default),
     or with the Bellman SDE.
@@ -249,10 +289,10 @@ def sample_command(
 
       bdiff sample -c digits.safetensors --n 2000 -o digits.npy --sampler anneal --steps 400
     """
-    from bdiff.data import save_array
+    from bdiff.data import check_output, save_array
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
-    _check_output(output, (".npy", ".csv"))
+    check_output(output, (".npy", ".csv"), replace=force, inputs=(checkpoint,))
     _threads()
     model = _load_model(checkpoint, device)
     cfg = _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend)
@@ -260,8 +300,7 @@ def sample_command(
     shape = tuple(model.meta.get("item_shape") or [model.dim])
     save_array(output, values.reshape(len(values), *shape))
     share = report["low_density_share"]
-    out.print(f"wrote {escape(str(output))}: {n} samples ({_sampler_text(report)}); "
-              f"{share:.2%} ended where s ≈ 0", highlight=False)
+    say(f"wrote {output}: {n} samples ({_sampler_text(report)}); {share:.2%} ended where s ≈ 0")
 
 
 def _sampler_text(report):
@@ -276,9 +315,9 @@ def _sampler_text(report):
     return text
 
 
-def _check_output(path, extensions):
-    from bdiff.data import check_writable
-    check_writable(path, extensions)
+def _check_output(path, extensions, force):
+    from bdiff.data import check_output
+    check_output(path, extensions, replace=force)
 
 
 @app.command()
@@ -292,7 +331,8 @@ def evaluate(
                                         "far-sample share and the normaliser's proposal. Built-ins "
                                         "use their training split."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
-    n: int = typer.Option(10_000, "--n", help="Samples to draw when --samples is not given."),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples to draw when --samples is not given "
+                                    "(default 10000)."),
     sampler: Optional[str] = typer.Option(None, help="Sampler when sampling now: bellman, precond, "
                                           "anneal or smc (default: as `bdiff sample`)."),
     init: Optional[str] = typer.Option(None, help="Start when sampling now (default: as `bdiff sample`)."),
@@ -302,6 +342,7 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG figures into this folder."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ):
     """Score a model against held-out rows of the data, beside the reference row.
 
@@ -323,45 +364,24 @@ def evaluate(
 
       bdiff evaluate --data heldout.npy --train train.npy --samples samples.npy --json metrics.json
     """
-    from bdiff.data import load_data
-    from bdiff.datasets import BUILTINS
-    from bdiff.images import image_metrics, is_digits_shape
-    from bdiff.metrics import evaluate as evaluate_model
-    from bdiff.metrics import json_safe, quality_warnings
+    from bdiff.backend import check_device
+    from bdiff.evaluation import evaluate_checkpoint
+    from bdiff.metrics import json_safe
     if json_path is not None:
-        _check_output(json_path, (".json",))
+        _check_output(json_path, (".json",), force)
     _threads()
-    model = _load_model(checkpoint, device)
-    data = data or model.meta.get("source")
-    if data not in BUILTINS and (data is None or not os.path.exists(data)):
-        raise BdiffError("give held-out data with --data (a file or a built-in dataset name)")
-    heldout = load_data(data, key=key, split="heldout").values
-    model.check_dim(heldout, f"held-out data {data}")
-    builtin = BUILTINS.get(data) if data in BUILTINS and not os.path.exists(data) else None
-    if train is not None:
-        train_values = load_data(train, key=key).values
-        model.check_dim(train_values, f"training data {train}")
-    else:
-        train_values = load_data(data, split="train").values if builtin is not None else None
-    report = {}
-    if samples is not None:
-        values = load_data(str(samples)).values
-    else:
-        cfg = _sample_config(model, sampler, init, steps, denoise, seed, 10_000, None)
-        values, report = _draw_samples(model, n, cfg)
-    law = builtin.law if builtin is not None else None
-    metrics = evaluate_model(model, heldout, values, train=train_values, law=law, seed=seed)
-    shape = tuple(model.meta.get("item_shape") or [model.dim])
-    if is_digits_shape(shape):
-        metrics.update(image_metrics(values, heldout, train_values))
-    for name in ("low_density_share", "final_ess", "resamples", "mala_acceptance"):
-        if report.get(name) is not None:
-            metrics[name] = report[name]
-    table = Table(title=f"bdiff evaluate: {escape(str(checkpoint))} on {escape(str(data))}")
+    with _progress() as progress:
+        task = progress.add_task("sample", total=n or 0, info="")
+        result = evaluate_checkpoint(
+            checkpoint, data, train, samples, key, seed, check_device(device),
+            sampling=dict(n=n, sampler=sampler, init=init, steps=steps, denoise=denoise),
+            on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"bdiff evaluate: {escape(str(checkpoint))} on {escape(result.data_name)}")
     table.add_column("metric")
     table.add_column("model", justify="right")
     table.add_column("reference (data)", justify="right")
     table.add_column("reference (p_ε)", justify="right")
+    metrics = result.metrics
     for name, value in metrics.items():
         if name.endswith("_ideal") or isinstance(value, list):
             continue
@@ -369,17 +389,17 @@ def evaluate(
         table.add_row(name, _fmt(value), "" if ideal is None else _fmt(ideal),
                       "" if smoothed is None else _fmt(smoothed))
     out.print(table)
-    for line in quality_warnings(metrics):
-        err.print(f"warning: {line}", highlight=False)
+    for line in result.warnings:
+        tell(f"warning: {line}")
     if json_path is not None:
         from bdiff.data import save_json
         save_json(json_path, json_safe(metrics))
-        out.print(f"wrote {escape(str(json_path))}")
+        say(f"wrote {json_path}")
     if plot is not None:
         from bdiff.plots import write_plots
-        paths = write_plots(str(plot), model, train_values if train_values is not None else heldout,
-                            values, shape, law)
-        out.print(f"wrote {len(paths)} figures to {escape(str(plot))}/")
+        paths = write_plots(str(plot), result.model, result.train if result.train is not None else result.heldout,
+                            result.samples, result.item_shape, result.law)
+        say(f"wrote {len(paths)} figures to {plot}/")
 
 
 def _int_list(text, what):
@@ -410,6 +430,7 @@ def benchmark(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the records as CSV here."),
     compile_check: bool = typer.Option(True, help="Also compile the Triton kernels for sm_80/sm_90 "
                                        "and report registers, shared memory and spills."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json and --csv files."),
 ):
     """Time the kernels of every backend across sizes.
 
@@ -429,15 +450,15 @@ def benchmark(
     from bdiff.benchmark import run_benchmark
     for path, ext in ((json_path, ".json"), (csv_path, ".csv")):
         if path is not None:
-            _check_output(path, (ext,))
+            _check_output(path, (ext,), force)
     _threads()
     device = check_device(device)
-    err.print(f"device: {device} ({torch.get_num_threads()} threads)", highlight=False)
+    tell(f"device: {device} ({torch.get_num_threads()} threads)")
     records, skipped = run_benchmark(_name_list(ops), _int_list(sizes, "sizes"), _int_list(dims, "dims"),
                                      _name_list(backends) if backends else None, repeats, device,
-                                     on_record=lambda r: err.print(
+                                     on_record=lambda r: tell(
                                          f"  {r['op']} {r['backend']} B=M={r['B']} D={r['D']}: "
-                                         f"{r['median_s']:.4g} s", highlight=False))
+                                         f"{r['median_s']:.4g} s"))
     table = Table(title=f"bdiff benchmark ({device})")
     for column in ("op", "backend", "B=M", "D", "median s", "pairs/s", "peak MB", "vs naive"):
         table.add_column(column, justify="right" if column not in ("op", "backend") else "left")
@@ -451,25 +472,19 @@ def benchmark(
                       "" if ratio is None else f"{ratio:.1f}x")
     out.print(table)
     for name, why in skipped.items():
-        out.print(f"{name}: {why}", highlight=False)
+        say(f"{name}: {why}")
     report = {"records": records, "skipped": skipped}
     if compile_check:
         report["compile"] = _compile_report()
     if json_path is not None:
         from bdiff.data import save_json
         save_json(json_path, records + [{"op": "compile", **c} for c in report.get("compile", [])])
-        out.print(f"wrote {json_path}")
+        say(f"wrote {json_path}")
     if csv_path is not None:
-        import csv
-        from bdiff.data import atomic_path
-        keys = ["op", "backend", "B", "M", "D", "device", "median_s", "pairs_per_s", "peak_mem_mb",
-                "ratio_vs_naive", "gflops", "fraction_of_peak", "note"]
-        with atomic_path(csv_path) as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(records)
-        out.print(f"wrote {csv_path}")
+        from bdiff.benchmark import CSV_KEYS
+        from bdiff.data import save_csv
+        save_csv(csv_path, records, CSV_KEYS)
+        say(f"wrote {csv_path}")
 
 
 def _compile_report():
@@ -498,7 +513,8 @@ def _compile_report():
 def rl(
     env: str = typer.Argument(..., help="frozenlake (policy evaluation, W1 to the exact return law) "
                               "or cartpole (control, average return)."),
-    agent: str = typer.Option("bellman", help="bellman (Bellman Diffusion fields) or c51."),
+    agent: Optional[str] = typer.Option(None, help="bellman (Bellman Diffusion fields, the default) "
+                                        "or c51; not with --compare, which runs both."),
     seeds: int = typer.Option(1, help="Seeds 0..N-1."),
     steps: int = typer.Option(20_000, help="Environment steps per run."),
     compare: bool = typer.Option(False, "--compare", help="Run both agents over every seed and "
@@ -508,6 +524,7 @@ def rl(
                              "(up to the number of cores)."),
     out_dir: Path = typer.Option(Path("rl-results"), "--out", help="Folder for CSV, PNG and JSON."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ):
     """Distributional RL: Bellman Diffusion return densities against C51.
 
@@ -521,22 +538,22 @@ def rl(
 
     from bdiff.rl.envs import get_spec
     from bdiff.rl.runner import AGENTS, compare as compare_agents
+    from bdiff.data import make_output_folder
     get_spec(env)
+    if compare and agent is not None:
+        raise BdiffError("--compare runs both agents; leave out --agent")
+    agent = agent or "bellman"
     if agent not in AGENTS:
         raise BdiffError(f"unknown agent {agent!r}; choose {', '.join(AGENTS)}")
     if seeds < 1 or steps < 1 or eval_every < 1 or jobs < 1:
         raise BdiffError("--seeds, --steps, --eval-every and --jobs must be positive")
-    try:  # first, so that --json may point into --out
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        raise BdiffError(f"cannot create {out_dir}: {error.strerror}")
+    make_output_folder(out_dir)  # first, so that --json may point into --out
     if json_path is not None:
-        _check_output(json_path, (".json",))
+        _check_output(json_path, (".json",), force)
     torch.set_num_threads(1)  # small networks: threads cost more than they give
 
     def progress(agent_name, seed, step, metric, seconds):
-        err.print(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)",
-                  highlight=False)
+        tell(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)")
 
     # a kill unwinds like Ctrl-C, so that the worker processes of --jobs are terminated too
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -557,12 +574,11 @@ def rl(
     if "ratio" in summary:
         bound = " (a bound: some runs never reached the threshold and count as budget + 1)" \
             if summary["ratio_is_bound"] else ""
-        out.print(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}{bound}",
-                  highlight=False)
+        say(f"steps-to-threshold ratio C51 / Bellman Diffusion: {summary['ratio']:.2f}{bound}")
     if json_path is not None:
         from bdiff.data import save_json
         save_json(json_path, records)
-    out.print(f"wrote curves, plots and results to {out_dir}/", highlight=False)
+    say(f"wrote curves, plots and results to {out_dir}/")
 
 
 def _fmt(value):

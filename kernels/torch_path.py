@@ -164,7 +164,7 @@ def field_matching_naive(x, y, eps, exclude=None):
 def sde_noise(shape, seed, step, offset, device):
     """Gaussian noise for one SDE step of one particle block, reproducible from its indices."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_000_033 + offset)
+    generator.manual_seed(((seed * 1_000_003 + step) * 1_000_033 + offset) % 2**63)
     return torch.randn(shape, generator=generator, device=device)
 
 

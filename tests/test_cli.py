@@ -49,7 +49,9 @@ def test_top_level_help_lists_commands():
     assert all(name in result.output for name in ["fit", "sample", "evaluate", "benchmark"])
 
 
-def test_fit_sample_evaluate(tmp_path, data_file):
+def test_fit_sample_evaluate(tmp_path, data_file, mixture_small):
+    heldout = tmp_path / "heldout.npy"
+    np.save(heldout, mixture_small[800:1200])
     ckpt = tmp_path / "m.safetensors"
     result = invoke("fit", data_file, "-o", ckpt, *FAST_FIT)
     assert result.exit_code == 0, result.stderr
@@ -63,8 +65,8 @@ def test_fit_sample_evaluate(tmp_path, data_file):
     invoke("sample", "-c", ckpt, "--n", 50, "-o", tmp_path / "s.csv", "--steps", 2, "--sampler", "precond")
     assert np.loadtxt(tmp_path / "s.csv", delimiter=",").shape == (50, 2)
     report = tmp_path / "metrics.json"
-    result = invoke("evaluate", "-c", ckpt, "--data", data_file, "--samples", out, "--json", report,
-                    "--plot", tmp_path / "plots")
+    result = invoke("evaluate", "-c", ckpt, "--data", heldout, "--train", data_file, "--samples", out,
+                    "--json", report, "--plot", tmp_path / "plots")
     assert result.exit_code == 0, result.stderr
     metrics = strict_json(report)
     for key in ["c2st", "c2st_ideal", "mmd", "mmd_ideal", "mmd_median", "mmd_median_ideal", "mmd_smoothed_ideal",
@@ -157,7 +159,7 @@ def test_sample_bad_input_leaves_existing_output_alone(tmp_path, tiny_checkpoint
     ]
     for args, message in cases:
         args = args if "-c" in args else ["-c", tiny_checkpoint, *args]
-        assert_clean_failure(invoke("sample", *args, "-o", out), message)
+        assert_clean_failure(invoke("sample", *args, "-o", out, "--force"), message)
         assert out.read_bytes() == before
     assert_clean_failure(invoke("sample", "-c", tiny_checkpoint, "-o", tmp_path / "no" / "s.npy"),
                          "does not exist")
@@ -169,7 +171,7 @@ def test_evaluate_bad_input(tmp_path, tiny_checkpoint):
     np.save(three_d, np.random.default_rng(0).normal(size=(50, 3)))
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", three_d), "3 dimensions")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "intervals"), "1 dimensions")
-    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", tmp_path / "x.npy"), "--data")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", tmp_path / "x.npy"), "no such file")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--samples", three_d),
                          "3 dimensions")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--json",
@@ -212,7 +214,8 @@ def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     assert np.load(images).shape == (50, 8, 8)  # image shape restored
     assert "anneal over 20 levels" in result.output  # the default for a model with noise levels
-    assert_clean_failure(invoke("sample", "-c", model, "-o", images, "--init", "importance"), "does not apply")
+    assert_clean_failure(invoke("sample", "-c", model, "-o", images, "--init", "importance", "--force"),
+                         "does not apply")
     metrics = tmp_path / "m.json"
     result = invoke("evaluate", "-c", model, "--n", "300", "--steps", "20", "--json", metrics,
                     "--plot", tmp_path / "plots")
@@ -248,3 +251,18 @@ def test_fit_option_defaults_are_the_config_defaults():
             assert param.default == getattr(defaults, param.name), param.name
             checked += 1
     assert checked >= 10
+
+
+def test_sample_option_defaults_are_the_config_defaults():
+    """`bdiff sample` options default to SampleConfig's values, or to None: the model's measured
+    defaults (default_sample_config) fill those in."""
+    import typer.main
+
+    from bdiff.sampler import SampleConfig
+    command = typer.main.get_command(app).commands["sample"]
+    defaults = SampleConfig()
+    checked = [param.name for param in command.params if hasattr(defaults, param.name)]
+    for param in command.params:
+        if param.name in checked:
+            assert param.default is None or param.default == getattr(defaults, param.name), param.name
+    assert {"sampler", "init", "steps", "denoise", "seed", "batch_size", "backend"} <= set(checked)
