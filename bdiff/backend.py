@@ -38,6 +38,18 @@ def resolve(backend, device):
     return name
 
 
+def use_all_cores():
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def triton_installed():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 MAX_SEED = 2**63 - 1
 
 

@@ -151,7 +151,7 @@ class Standardizer:
         std = np.sqrt(squares / len(values))
         constant = std == 0
         if pooled:
-            std = np.full_like(std, np.sqrt(squares.sum() / squares.size))
+            std = np.full_like(std, np.sqrt(squares.sum() / (len(values) * squares.size)))
         return cls(mean, np.where(std > 0, std, 1.0), constant)
 
     def forward(self, values):

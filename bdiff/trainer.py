@@ -3,6 +3,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ import torch
 
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import Standardizer, fingerprint
+from bdiff.data import Standardizer, check_output, fingerprint
 from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import PARAMS, FieldModel, resolve_param
@@ -24,8 +25,20 @@ from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, fiel
 VAL_TOLERANCE = 0.01  # a relative fall of the validation loss smaller than this is no progress
 SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
 MAX_WIDTH, MAX_DEPTH = 16384, 64
+PREPARE_NOTICE_ROWS = 100_000  # from here the ε search and log C take long enough to announce
 # options a resumed run takes from now; every other option is the stored run's
 RESUME_OPTIONS = ("steps", "checkpoint_every", "device", "backend")
+
+
+def check_fit_output(output, data, resume, force):
+    """The checkpoint path of a fit, checked before any work: an existing file needs --resume or
+    --force, --resume needs one, and the input data is never the output."""
+    exists = os.path.exists(output)
+    if exists and not (resume or force):
+        raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
+    if resume and not exists:
+        raise BdiffError(f"--resume: no checkpoint at {output}")
+    check_output(output, (".safetensors",), replace=True, inputs=(data,))
 
 
 @dataclass
@@ -72,6 +85,8 @@ class FitConfig:
             if not 1 <= value <= most:
                 raise BdiffError(f"--{name} must be between 1 and {most}, got {value}")
         check_seed(self.seed)
+        if self.checkpoint_every < 1:
+            raise BdiffError("--checkpoint-every must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BdiffError(f"--lr must be a positive number, got {self.lr}")
         if self.grad_loss not in GRAD_LOSSES:

@@ -84,8 +84,8 @@ def _progress():
 
 
 def _threads():
-    import torch
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from bdiff.backend import use_all_cores
+    use_all_cores()
 
 
 @app.command()
@@ -139,24 +139,17 @@ def fit(
 
       bdiff fit data.npy -o model.safetensors --steps 8000 --resume
     """
-    from bdiff.data import check_output, load_data, output_lock
-    from bdiff.trainer import FitConfig, Trainer
+    from bdiff.data import load_data, output_lock
+    from bdiff.trainer import PREPARE_NOTICE_ROWS, FitConfig, Trainer, check_fit_output
 
     loaded = load_data(data, key=key)  # the input first: its error is the one to see
-    if output.exists() and not (resume or force):
-        raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
-    if resume and not output.exists():
-        raise BdiffError(f"--resume: no checkpoint at {output}")
-    if checkpoint_every < 1:
-        raise BdiffError("--checkpoint-every must be >= 1")
-    # before any training: a bad path must not cost a fit
-    check_output(output, (".safetensors",), replace=True, inputs=(data,))
+    check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
     with output_lock(output):
-        if len(loaded.values) >= 100_000:
+        if len(loaded.values) >= PREPARE_NOTICE_ROWS:
             tell(f"preparing {loaded.source}: {len(loaded.values)} rows; choosing ε and log C first")
         trainer = Trainer(loaded.values, cfg, loaded.source, loaded.item_shape)
         if resume:
@@ -489,10 +482,9 @@ def benchmark(
 
 def _compile_report():
     """Registers, shared memory and spills per Triton kernel configuration (sm_80, sm_90)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        out.print("compile check: Triton is not installed")
+    from bdiff.backend import triton_installed
+    if not triton_installed():
+        say("compile check: Triton is not installed")
         return []
     from bdiff.compile_check import compile_all
     records = compile_all()

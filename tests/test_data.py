@@ -119,3 +119,12 @@ def test_save_array_is_atomic_and_checks_paths(tmp_path, rng):
     save_array(tmp_path / "s.csv", np.ones((3, 2)))
     assert (tmp_path / "s.csv").read_text().count("\n") == 3
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_standardizer_matches_numpy_per_column_and_pooled(rng):
+    values = rng.normal(3.0, [1.0, 5.0, 0.2], size=(1000, 3)).astype(np.float32)
+    per_column = Standardizer.fit(values)
+    assert np.allclose(per_column.std, values.std(0, dtype=np.float64), rtol=1e-6)
+    assert np.allclose(per_column.mean, values.mean(0, dtype=np.float64), rtol=1e-6)
+    pooled = Standardizer.fit(values, pooled=True)
+    assert np.allclose(pooled.std, (values - values.mean(0)).std(dtype=np.float64), rtol=1e-5)

@@ -330,3 +330,14 @@ def test_loading_a_large_file_needs_little_more_than_its_float32_copy(tmp_path):
               "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
     grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown < 2.6 * path.stat().st_size, grown / path.stat().st_size
+
+
+def test_fit_writes_only_safetensors_and_announces_long_preparation(tmp_path, data_file, monkeypatch):
+    for name in ("data.npy", "data.csv", "model.pt"):
+        assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / name, "--force", *FAST_FIT), ".safetensors")
+    assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", "--checkpoint-every", 0),
+                         "--checkpoint-every")
+    import bdiff.trainer
+    monkeypatch.setattr(bdiff.trainer, "PREPARE_NOTICE_ROWS", 100)
+    result = invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT)
+    assert result.exit_code == 0 and "choosing ε and log C first" in result.stderr
