@@ -16,14 +16,18 @@ from bdiff.kernels.torch_path import sde_noise
 BACKENDS = ("triton", "torch", "chunked", "naive", "reference")
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available():
-    """True when Triton imports and can launch: a CUDA driver, or the CPU interpreter."""
+def triton_installed():
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available():
+    """True when Triton imports and can launch: a CUDA driver, or the CPU interpreter."""
+    return triton_installed() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def resolve(backend, device):
@@ -40,14 +44,6 @@ def resolve(backend, device):
 
 def use_all_cores():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-
-
-def triton_installed():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 MAX_SEED = 2**63 - 1
