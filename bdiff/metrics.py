@@ -23,11 +23,13 @@ def _mean_kernel(x, y, bandwidth, same):
     return float(torch.exp(lse.double()).mean())
 
 
-def mmd(x, y, bandwidth=MMD_BANDWIDTH):
-    """Unbiased estimate of MMD² with a Gaussian kernel (can be slightly negative)."""
+def mmd(x, y, bandwidth=MMD_BANDWIDTH, x_self=None):
+    """Unbiased estimate of MMD² with a Gaussian kernel (can be slightly negative). `x_self`:
+    x's own term, computed once by the caller that compares one x with many y."""
     x, y = _tensor(x), _tensor(y)
-    return (_mean_kernel(x, x, bandwidth, True) + _mean_kernel(y, y, bandwidth, True)
-            - 2 * _mean_kernel(x, y, bandwidth, False))
+    if x_self is None:
+        x_self = _mean_kernel(x, x, bandwidth, True)
+    return x_self + _mean_kernel(y, y, bandwidth, True) - 2 * _mean_kernel(x, y, bandwidth, False)
 
 
 def sliced_wasserstein(x, y, projections=256, seed=0, directions=None):
@@ -120,9 +122,8 @@ def c2st(x, y, seed=0, folds=5):
     return float(cross_val_score(classifier, features, labels, cv=folds).mean())
 
 
-def median_bandwidth(x, y, probe=1000, seed=0):
-    """The median heuristic: median distance between pooled points (a subsample)."""
-    pooled = np.concatenate([x, y])
+def median_bandwidth(pooled, probe=1000, seed=0):
+    """The median heuristic: median distance between the points (a subsample)."""
     pick = np.random.default_rng(seed).permutation(len(pooled))[:probe]
     distances = torch.pdist(_tensor(pooled[pick]))
     return float(distances.median()) if len(distances) else 1.0
@@ -164,6 +165,9 @@ def held_out_loglik(model, values, rows_std):
             "density_nonpositive_share": nonpositive}
 
 
+REFERENCE_ROWS, MAX_REPEATS = 2000, 10  # splits are repeated until half A has seen ~2000 rows
+
+
 def split_heldout(values, seed=0):
     """Two disjoint halves: A to compare against, B, fresh rows of the data, as the reference."""
     if len(values) < 4:
@@ -173,14 +177,38 @@ def split_heldout(values, seed=0):
     return values[order[:half]], values[order[half:2 * half]]
 
 
-def sample_metrics(x_std, reference_std, bandwidth, seed=0, distances=True):
-    """C2ST and MMD, and with distances=True sliced Wasserstein and energy distance."""
-    result = {"c2st": c2st(x_std, reference_std, seed), "mmd": mmd(x_std, reference_std, MMD_BANDWIDTH),
-              "mmd_median": mmd(x_std, reference_std, bandwidth)}
-    if distances:
-        result.update(sliced_wasserstein=sliced_wasserstein(x_std, reference_std),
-                      energy_distance=energy_distance(x_std, reference_std))
-    return result
+def reference_repeats(rows):
+    """Random A/B splits to average over: one for large held-out sets, up to 10 for small ones,
+    whose single split is too noisy a reference."""
+    return int(min(MAX_REPEATS, math.ceil(REFERENCE_ROWS / (rows // 2))))
+
+
+def _mean_over(rows):
+    """Key-wise mean of metric dicts; None where any repeat had none (too few rows)."""
+    return {key: None if any(row[key] is None for row in rows) else float(np.mean([row[key] for row in rows]))
+            for key in rows[0]}
+
+
+def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed):
+    """Model, reference and p_ε-reference metrics against one half A. MMD (unbiased) takes every
+    sample; sliced Wasserstein and energy distance, biased by the number of rows, take as many
+    samples as B has rows, so model and reference are read on equal footing; C2ST balances its
+    classes itself."""
+    rng = np.random.default_rng(seed)
+    equal = x_std[rng.choice(len(x_std), len(b_std), replace=len(x_std) < len(b_std))]
+    model = {"c2st": c2st(x_std, a_std, seed), "mmd": mmd(x_std, a_std, MMD_BANDWIDTH, x_self[0]),
+             "mmd_median": mmd(x_std, a_std, bandwidth, x_self[1]),
+             "sliced_wasserstein": sliced_wasserstein(equal, a_std, seed=seed),
+             "energy_distance": energy_distance(equal, a_std)}
+    ideal = {"c2st": c2st(b_std, a_std, seed), "mmd": mmd(b_std, a_std, MMD_BANDWIDTH),
+             "mmd_median": mmd(b_std, a_std, bandwidth),
+             "sliced_wasserstein": sliced_wasserstein(b_std, a_std, seed=seed),
+             "energy_distance": energy_distance(b_std, a_std)}
+    smoothed = b_std + rng.normal(size=b_std.shape).astype(np.float32) * math.sqrt(eps)
+    smoothed_ideal = {"c2st": c2st(smoothed, a_std, seed), "mmd": mmd(smoothed, a_std, MMD_BANDWIDTH),
+                      "mmd_median": mmd(smoothed, a_std, bandwidth)}
+    return {**model, **{f"{k}_ideal": v for k, v in ideal.items()},
+            **{f"{k}_smoothed_ideal": v for k, v in smoothed_ideal.items()}}
 
 
 def evaluate(model, heldout, samples, train=None, law=None, seed=0):
@@ -189,21 +217,21 @@ def evaluate(model, heldout, samples, train=None, law=None, seed=0):
 
     Every sample is compared with held-out half A. The reference row (`*_ideal`) is what a
     perfect sampler gets: held-out half B, fresh rows of the data itself, compared with A in the
-    same way (C2ST on the same number of rows). `*_smoothed_ideal` is half B plus N(0, εI), a
-    perfect sampler of p_ε: the gap between the two is the blur of sampling p_ε."""
+    same way. Small held-out sets are split several times (`reference_repeats`) and every figure
+    is the mean over the splits. `*_smoothed_ideal` is half B plus N(0, εI), a perfect sampler of
+    p_ε: the gap between the two is the blur of sampling p_ε."""
     model.check_dim(heldout, "the held-out data")
     model.check_dim(samples, "the samples")
-    half_a, half_b = split_heldout(heldout, seed)
-    rng = np.random.default_rng(seed + 1)
     to_std = model.standardizer.forward
-    a_std, b_std, x_std = to_std(half_a), to_std(half_b), to_std(samples)
-    bandwidth = median_bandwidth(a_std, b_std, seed=seed)
-    result = sample_metrics(x_std, a_std, bandwidth, seed)
-    result.update({f"{k}_ideal": v for k, v in sample_metrics(b_std, a_std, bandwidth, seed).items()})
-    smoothed = b_std + rng.normal(size=b_std.shape).astype(np.float32) * math.sqrt(model.eps)
-    smoothed_metrics = sample_metrics(smoothed, a_std, bandwidth, seed, distances=False)
-    result.update({f"{k}_smoothed_ideal": v for k, v in smoothed_metrics.items()})
-    result["mmd_median_bandwidth"] = bandwidth
+    x_std, heldout_std = to_std(samples), to_std(heldout)
+    bandwidth = median_bandwidth(heldout_std, seed=seed)
+    x_self = [_mean_kernel(_tensor(x_std), _tensor(x_std), bw, True) for bw in (MMD_BANDWIDTH, bandwidth)]
+    repeats = reference_repeats(len(heldout))
+    splits = [split_heldout(heldout_std, seed + r) for r in range(repeats)]
+    result = _mean_over([_split_metrics(x_std, a_std, b_std, bandwidth, x_self, model.eps, seed + r)
+                         for r, (a_std, b_std) in enumerate(splits)])
+    result["mmd_median_bandwidth"], result["reference_repeats"] = bandwidth, repeats
+    half_a, half_b = split_heldout(heldout, seed)
     rows = train if train is not None else half_b
     result.update(held_out_loglik(model, heldout, to_std(rows)))
     probe = half_a if train is not None else half_a[: len(half_a) // 2]

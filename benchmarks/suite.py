@@ -211,7 +211,7 @@ def sample_scores(samples, test, train, law, seed=0):
     x, t = scale.forward(samples), scale.forward(test)
     half = len(t) // 2
     a = t[:half]
-    bandwidth = median_bandwidth(a, t[half:], seed=seed)
+    bandwidth = median_bandwidth(np.concatenate([a, t[half:]]), seed=seed)
     finite = np.isfinite(x).all(1)
     out = {"c2st": c2st(x[finite], t, seed), "mmd_median": mmd(x[finite], t, bandwidth),
            "far_share": far_share(x[finite], scale.forward(train), t),

@@ -341,7 +341,8 @@ def evaluate(
 
     The held-out rows are split in halves A and B. Every sample is compared with A; the
     reference column compares B, fresh rows of the data itself, with A in the same way: the
-    score of a perfect sampler. C2ST is the 5-fold accuracy of a classifier separating samples
+    score of a perfect sampler; small held-out sets are split up to 10 times and averaged
+    (reference_repeats). C2ST is the 5-fold accuracy of a classifier separating samples
     from A (0.5: indistinguishable); MMD uses a Gaussian kernel of width 0.3 (mmd) and of the
     median distance (mmd_median); *_smoothed_ideal is B plus N(0, εI), a perfect sampler of the
     smoothed p_ε. loglik is the held-out mean log-density after dividing by the normaliser Z,
