@@ -131,3 +131,13 @@ def test_a_perfect_sampler_scores_as_the_reference_row_on_a_small_held_out_set(r
             values.append(metrics[key] / metrics[f"{key}_ideal"])
     for key, values in ratios.items():
         assert 0.85 < np.mean(values) < 1.15, (key, values)
+
+
+def test_c2st_sees_a_difference_on_a_few_dozen_rows(rng):
+    """On 15-40 rows a class (a 30-row held-out set's half) the classifier must still be able to
+    split: two laws three standard deviations apart are told apart, one law is not."""
+    from bdiff.metrics import c2st
+    for rows in (15, 40):
+        near, far = rng.normal(size=(rows, 2)), rng.normal(3.0, 1.0, size=(rows, 2))
+        assert c2st(near, far) > 0.85, rows
+        assert c2st(near, rng.normal(size=(rows, 2))) < 0.75, rows
