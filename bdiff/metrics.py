@@ -139,11 +139,33 @@ def nearest_distance(x, reference, chunk=4096):
                       for i in range(0, len(x), chunk)]).double().numpy()
 
 
-def far_share(samples, reference, probe, quantile=0.999):
+def far_share(samples, reference, probe, quantile=0.999, sample_distances=None):
     """Share of samples farther from every reference row than the data's own `quantile` of
-    nearest-neighbour distances (probe rows to the reference): samples on spurious bumps."""
+    nearest-neighbour distances (probe rows to the reference): samples on spurious bumps.
+    `sample_distances`: the samples' distances to the reference, when the caller has them."""
     threshold = np.quantile(nearest_distance(probe, reference), quantile)
-    return float((nearest_distance(samples, reference) > threshold).mean())
+    if sample_distances is None:
+        sample_distances = nearest_distance(samples, reference)
+    return float((sample_distances > threshold).mean())
+
+
+def far_share_of_data(reference, probe, quantile=0.999):
+    """What a perfect sampler scores on far_share: the share of probe rows beyond the threshold
+    set by the other probe rows (leave one out). On n probe rows the quantile is about their
+    largest distance, so fresh rows land beyond it about 1/(n+1) of the time."""
+    distances = np.sort(nearest_distance(probe, reference))
+    n = len(distances)
+    if n < 3:
+        return 0.0
+    position = quantile * (n - 2)  # np.quantile's linear rule on the n - 1 other rows
+    low = int(math.floor(position))
+    fraction = position - low
+    rank = np.arange(n)[:, None]
+    # the other rows' sorted values at low and low + 1 skip the left-out rank
+    index = np.array([low, min(low + 1, n - 2)])[None, :]
+    others = distances[index + (index >= rank)]
+    thresholds = others[:, 0] + fraction * (others[:, 1] - others[:, 0])
+    return float((distances > thresholds).mean())
 
 
 def outside_range_share(samples, data, widen=0.1):
@@ -192,12 +214,19 @@ def _mean_over(rows):
             for key in rows[0]}
 
 
-def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed):
+def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed, train_std=None, x_to_train=None):
     """Model, reference and p_ε-reference metrics against one half A. MMD (unbiased) takes every
     sample; sliced Wasserstein and energy distance, biased by the number of rows, take as many
     samples as B has rows, so model and reference are read on equal footing; C2ST balances its
-    classes itself."""
+    classes itself. Far samples: the threshold comes from A's distances to the training rows
+    (without them, half of A to the other half); its reference is A's own share, left out."""
     rng = np.random.default_rng(seed)
+    if train_std is None:
+        probe, near = a_std[: len(a_std) // 2], a_std[len(a_std) // 2:]
+        far, far_ideal = far_share(x_std, near, probe), far_share_of_data(near, probe)
+    else:
+        far = far_share(x_std, train_std, a_std, sample_distances=x_to_train)
+        far_ideal = far_share_of_data(train_std, a_std)
     equal = x_std[rng.choice(len(x_std), len(b_std), replace=len(x_std) < len(b_std))]
     model = {"c2st": c2st(x_std, a_std, seed), "mmd": mmd(x_std, a_std, MMD_BANDWIDTH, x_self[0]),
              "mmd_median": mmd(x_std, a_std, bandwidth, x_self[1]),
@@ -210,6 +239,7 @@ def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed):
     smoothed = b_std + rng.normal(size=b_std.shape).astype(np.float32) * math.sqrt(eps)
     smoothed_ideal = {"c2st": c2st(smoothed, a_std, seed), "mmd": mmd(smoothed, a_std, MMD_BANDWIDTH),
                       "mmd_median": mmd(smoothed, a_std, bandwidth)}
+    model["far_share"], ideal["far_share"] = far, far_ideal
     return {**model, **{f"{k}_ideal": v for k, v in ideal.items()},
             **{f"{k}_smoothed_ideal": v for k, v in smoothed_ideal.items()}}
 
@@ -229,17 +259,17 @@ def evaluate(model, heldout, samples, train=None, law=None, seed=0):
     x_std, heldout_std = to_std(samples), to_std(heldout)
     bandwidth = median_bandwidth(heldout_std, seed=seed)
     x_self = [_mean_kernel(_tensor(x_std), _tensor(x_std), bw, True) for bw in (MMD_BANDWIDTH, bandwidth)]
+    train_std = None if train is None else to_std(train)
+    x_to_train = None if train is None else nearest_distance(x_std, train_std)
     repeats = reference_repeats(len(heldout))
     splits = [split_heldout(heldout_std, seed + r) for r in range(repeats)]
-    result = _mean_over([_split_metrics(x_std, a_std, b_std, bandwidth, x_self, model.eps, seed + r)
+    result = _mean_over([_split_metrics(x_std, a_std, b_std, bandwidth, x_self, model.eps, seed + r,
+                                        train_std, x_to_train)
                          for r, (a_std, b_std) in enumerate(splits)])
     result["mmd_median_bandwidth"], result["reference_repeats"] = bandwidth, repeats
     half_a, half_b = split_heldout(heldout, seed)
     rows = train if train is not None else half_b
     result.update(held_out_loglik(model, heldout, to_std(rows)))
-    probe = half_a if train is not None else half_a[: len(half_a) // 2]
-    reference = train if train is not None else half_a[len(half_a) // 2:]
-    result["far_share"] = far_share(x_std, to_std(reference), to_std(probe))
     known = heldout if train is None else np.concatenate([heldout, train])
     result["outside_range_share"] = outside_range_share(samples, known)
     result["n_samples"], result["n_heldout"] = len(samples), len(heldout)
@@ -263,8 +293,9 @@ def quality_warnings(metrics):
         lines.append(f"the density integrates to {z:.3f} ± {se:.3f}, not 1")
     if metrics.get("density_nonpositive_share"):
         lines.append(f"the density is ≤ 0 at {metrics['density_nonpositive_share']:.1%} of the held-out rows")
-    if metrics.get("far_share", 0) > 0.01:
-        lines.append(f"{metrics['far_share']:.1%} of the samples are far from all data")
+    far, far_ideal = metrics.get("far_share", 0), metrics.get("far_share_ideal", 0)
+    if far - far_ideal > 0.01:  # fresh data rows fall beyond a threshold set on few rows too
+        lines.append(f"{far:.1%} of the samples are far from all data (fresh data rows: {far_ideal:.1%})")
     return lines
 
 

@@ -349,7 +349,8 @@ def evaluate(
     estimated by importance sampling (normaliser, normaliser_se; 1 for a proper density); it is
     null where the density is ≤ 0 at some held-out row (density_nonpositive_share). far_share
     is the share of samples farther from every training row (or held-out row, without --train)
-    than the data's own 99.9th-percentile nearest-neighbour distance; outside_range_share the
+    than the data's own 99.9th-percentile nearest-neighbour distance (reference: the held-out
+    rows' own share, each left out of the threshold); outside_range_share the
     share outside the data's range widened by 10%.
 
     Examples:

@@ -141,3 +141,26 @@ def test_c2st_sees_a_difference_on_a_few_dozen_rows(rng):
         near, far = rng.normal(size=(rows, 2)), rng.normal(3.0, 1.0, size=(rows, 2))
         assert c2st(near, far) > 0.85, rows
         assert c2st(near, rng.normal(size=(rows, 2))) < 0.75, rows
+
+
+def test_far_share_has_a_reference_and_warns_only_beyond_it(rng):
+    """With 30 held-out rows the 99.9th-percentile threshold is about their largest distance, so
+    even fresh data rows fall beyond it ~1/31 of the time: that must not read as a defect. Samples
+    off the data must still warn."""
+    from bdiff.metrics import evaluate, quality_warnings
+    train, heldout = rng.normal(size=(120, 1)).astype(np.float32), rng.normal(size=(30, 1)).astype(np.float32)
+    perfect = evaluate(_StubModel(), heldout, rng.normal(size=(4000, 1)).astype(np.float32), train=train)
+    assert abs(perfect["far_share"] - perfect["far_share_ideal"]) < 0.02
+    assert not any("far from all data" in line for line in quality_warnings(perfect))
+    stray = np.concatenate([rng.normal(size=(3800, 1)), rng.normal(size=(200, 1)) * 0.1 + 9.0]).astype(np.float32)
+    assert any("far from all data" in line for line in quality_warnings(
+        evaluate(_StubModel(), heldout, stray, train=train)))
+
+
+def test_far_share_of_data_is_the_leave_one_out_share(rng):
+    from bdiff.metrics import far_share_of_data, nearest_distance
+    reference = rng.normal(size=(50, 2))
+    for probe in (rng.normal(size=(4, 2)), rng.normal(size=(17, 2)), np.round(rng.normal(size=(300, 2)), 1)):
+        d = nearest_distance(probe, reference)
+        brute = np.mean([d[i] > np.quantile(np.delete(d, i), 0.999) for i in range(len(d))])
+        assert far_share_of_data(reference, probe) == pytest.approx(brute)
