@@ -73,7 +73,8 @@ def check_device(device):
 
 
 def field_matching(x, y, eps, exclude=None, backend=None):
-    """log ŝ(x) - log(#refs) and the softmax-weighted mean of (y - x)/ε; see kernels/."""
+    """log ŝ(x) - log(#refs) and the softmax-weighted mean of (y - x)/ε (ε a float, or one per
+    row of x); see kernels/."""
     name = resolve(backend, x.device)
     if name == "triton":
         from bdiff.kernels.triton_field import field_matching_triton

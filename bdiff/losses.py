@@ -148,7 +148,7 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
         groups = max(1, min(LEVEL_GROUPS, cfg.batch_size // 16))
         u = (torch.arange(groups) + torch.rand(groups, generator=generator)) / groups
         levels = (eps_min * (eps_max / eps_min) ** u).tolist()
-    queries, level_eps, log_s_hat, score = [], [], [], []
+    queries, level_eps, excludes = [], [], []
     for k, level in enumerate(levels):
         size = cfg.batch_size // len(levels) + (k < cfg.batch_size % len(levels))
         if model.levels is None:
@@ -162,14 +162,13 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
             q, exclude = smoothed_data_queries(refs, size, level, generator)
             q[:n_data] = refs[exclude[:n_data]]
             q[size - n_wide:] += (q[size - n_wide:] - refs[exclude[size - n_wide:]]) * (WIDE_NOISE - 1)
-        with torch.no_grad():
-            lse, mean = field_matching(q, refs, level, exclude, backend)
         queries.append(q)
+        excludes.append(exclude)
         level_eps.append(torch.full((size,), level, dtype=q.dtype, device=q.device))
-        log_s_hat.append(lse - log_c)
-        score.append(mean)
-    queries, level_eps, log_s_hat, score = map(torch.cat, (queries, level_eps, log_s_hat, score))
-    return log_regression(model, queries, level_eps, log_s_hat, score, cfg.id_weight)
+    queries, level_eps, excludes = map(torch.cat, (queries, level_eps, excludes))
+    with torch.no_grad():  # every level's targets in one reduction, ε per row
+        lse, score = field_matching(queries, refs, level_eps, excludes, backend)
+    return log_regression(model, queries, level_eps, lse - log_c, score, cfg.id_weight)
 
 
 def squared_errors(s, g, s_hat, g_hat):

@@ -55,7 +55,7 @@ def main():
                 scores = json.load(handle)
             results[name] = {"rows": [len(train), len(test)], "dim": train.shape[1], "fit_s": fit_s,
                              "evaluate_s": evaluate_s, **{k: scores[k] for k in (
-                                 "loglik", "normaliser", "normaliser_se", "c2st", "c2st_ideal", "far_share")}}
+                                 "loglik", "normaliser", "normaliser_se", "c2st", "c2st_ideal", "far_share", "far_share_ideal")}}
             print(name, results[name], flush=True)
     if args.json:
         with open(args.json, "w") as handle:

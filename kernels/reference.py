@@ -10,9 +10,12 @@ import torch
 def field_matching_reference(x, y, eps, exclude=None):
     """log ŝ(x) - log(#refs) and the softmax-weighted mean of (y - x)/eps, in float64.
 
-    exclude: optional (B,) long tensor, reference index skipped for each query (-1: none).
+    eps: a float or a (B,) tensor, one ε per query row. exclude: optional (B,) long tensor,
+    reference index skipped for each query (-1: none).
     """
     x64, y64 = x.double(), y.double()
+    if torch.is_tensor(eps):
+        eps = eps.to(x.device, torch.float64)[:, None]
     logits = -torch.cdist(x64, y64).pow(2) / (2 * eps)
     count = torch.full((x.shape[0],), y.shape[0], dtype=torch.float64, device=x.device)
     if exclude is not None:

@@ -53,6 +53,12 @@ def _exclusion_mask(exclude, rows, num_refs, dtype):
     return mask
 
 
+def eps_column(eps, like):
+    """ε as a float or, given per query row as a (B,) tensor, a (B, 1) column on `like`'s device:
+    both broadcast over the references. One launch then serves rows of many noise levels."""
+    return eps.to(like.device, like.dtype)[:, None] if torch.is_tensor(eps) else eps
+
+
 def reference_counts(exclude, batch, num_refs, device):
     """References each query averages over: M, or M - 1 where one is excluded."""
     count = torch.full((batch,), float(num_refs), device=device)
@@ -64,11 +70,13 @@ def reference_counts(exclude, batch, num_refs, device):
 def field_matching_torch(x, y, eps, exclude=None):
     """log ŝ(x) - log(#refs) (B,) and the softmax-weighted mean of (y - x)/ε (B, D).
 
-    Differentiable with respect to x. Uses the fused CPU attention op when PyTorch has it
-    and x is on the CPU, else the chunked matmul path.
+    ε: a float, or a (B,) tensor of one ε per query row. Differentiable with respect to x.
+    Uses the fused CPU attention op when PyTorch has it and x is on the CPU, else the chunked
+    matmul path.
     """
     if _FLASH_CPU is None or x.device.type != "cpu":
         return field_matching_chunked(x, y, eps, exclude)
+    eps = eps_column(eps, x)
     center = y.mean(0).detach()  # shrinks |x·y|/ε, the fp32 error of the dropped-constant trick
     xc, yc = x - center, (y - center).detach()
     if exclude is None or x.requires_grad:
@@ -76,33 +84,36 @@ def field_matching_torch(x, y, eps, exclude=None):
     else:
         lse, weighted_y = _attention_excluding(xc, yc, eps, exclude)
     mean = (weighted_y - xc) / eps
-    lse = lse - (xc * xc).sum(1).detach() / (2 * eps)
+    lse = lse - (xc * xc).sum(1, keepdim=True).detach() / (2 * eps)
+    lse = lse[:, 0]
     if x.requires_grad:
         lse = _LseWithGrad.apply(lse, mean.detach(), x)
     return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
 
 
 def _attention(xc, yc, eps, exclude=None):
-    """Fused attention with logits x·y/ε - ‖y‖²/(2ε): (log-sum-exp, weighted mean of y).
-    Exclusions use an explicit mask, built one chunk of query rows at a time."""
+    """Fused attention with logits x·y/ε - ‖y‖²/(2ε): (log-sum-exp (B, 1), weighted mean of y).
+    ε is a float or a (B, 1) column. Exclusions and per-row ε use an explicit mask, built one
+    chunk of query rows at a time."""
     query, key = (xc / eps)[None, None], yc[None, None]
     # -‖y‖²/(2ε) enters as an additive mask broadcast over rows, keeping the head width D
-    bias = (-(yc * yc).sum(1) / (2 * eps))[None, :]
+    half_y_sq = ((yc * yc).sum(1) / 2)[None, :]
+    per_row = torch.is_tensor(eps)
     batch = xc.shape[0]
-    if exclude is None:
+    if exclude is None and not per_row:
         chunks = [range(0, batch)]
     else:
         step = max(1, MASK_BUDGET_BYTES // (4 * yc.shape[0]))
         chunks = [range(i, min(i + step, batch)) for i in range(0, batch, step)]
     outputs, lses = [], []
     for rows in chunks:
-        mask = bias
+        mask = -half_y_sq / (eps[rows.start:rows.stop] if per_row else eps)
         if exclude is not None:
-            mask = bias + _exclusion_mask(exclude, rows, yc.shape[0], xc.dtype)
+            mask = mask + _exclusion_mask(exclude, rows, yc.shape[0], xc.dtype)
         out, lse = _FLASH_CPU(query[:, :, rows.start:rows.stop], key, key, 0.0, False,
                               attn_mask=mask[None, None], scale=1.0)
         outputs.append(out[0, 0])
-        lses.append(lse[0, 0])
+        lses.append(lse[0, 0, :, None])
     if len(outputs) == 1:
         return lses[0], outputs[0]
     return torch.cat(lses), torch.cat(outputs)
@@ -120,14 +131,16 @@ def _attention_excluding(xc, yc, eps, exclude):
     lse, weighted_y = _attention(xc, yc, eps)
     rows = torch.nonzero(exclude >= 0).squeeze(1)
     own = yc[exclude[rows]]
-    own_logit = (xc[rows] * own).sum(1) / eps - (own * own).sum(1) / (2 * eps)
+    row_eps = eps[rows] if torch.is_tensor(eps) else eps
+    own_logit = ((xc[rows] * own).sum(1, keepdim=True) - (own * own).sum(1, keepdim=True) / 2) / row_eps
     weight = torch.exp(own_logit - lse[rows])
     lse, weighted_y = lse.clone(), weighted_y.clone()
     lse[rows] = lse[rows] + torch.log1p(-weight.clamp_max(MAX_REMOVED_WEIGHT))
-    weighted_y[rows] = (weighted_y[rows] - weight[:, None] * own) / (1 - weight.clamp_max(0.999))[:, None]
-    dominated = rows[weight > MAX_REMOVED_WEIGHT]
+    weighted_y[rows] = (weighted_y[rows] - weight * own) / (1 - weight.clamp_max(0.999))
+    dominated = rows[weight[:, 0] > MAX_REMOVED_WEIGHT]
     if len(dominated):
-        sub_lse, sub_wy = _attention(xc[dominated], yc, eps, exclude[dominated])
+        sub_eps = eps[dominated] if torch.is_tensor(eps) else eps
+        sub_lse, sub_wy = _attention(xc[dominated], yc, sub_eps, exclude[dominated])
         lse[dominated], weighted_y[dominated] = sub_lse, sub_wy
     return lse, weighted_y
 
@@ -135,24 +148,27 @@ def _attention_excluding(xc, yc, eps, exclude):
 def field_matching_chunked(x, y, eps, exclude=None):
     """The same reduction by explicit logits, a block of query rows at a time."""
     batch = x.shape[0]
+    eps = eps_column(eps, x)
     step = max(1, LOGIT_BUDGET // max(1, y.shape[0]))
     y_sq = (y * y).sum(1)
     lses, means = [], []
     for start in range(0, batch, step):
         rows = range(start, min(start + step, batch))
         xb = x[rows.start:rows.stop]
-        logits = (2 * xb @ y.T - (xb * xb).sum(1, keepdim=True) - y_sq) / (2 * eps)
+        eps_b = eps[rows.start:rows.stop] if torch.is_tensor(eps) else eps
+        logits = (2 * xb @ y.T - (xb * xb).sum(1, keepdim=True) - y_sq) / (2 * eps_b)
         logits = logits.clamp_max(0)  # a squared distance is never negative
         if exclude is not None:
             logits = logits + _exclusion_mask(exclude, rows, y.shape[0], x.dtype)
         lses.append(torch.logsumexp(logits, 1))
-        means.append((torch.softmax(logits, 1) @ y - xb) / eps)
+        means.append((torch.softmax(logits, 1) @ y - xb) / eps_b)
     lse = torch.cat(lses)
     return lse - reference_counts(exclude, batch, y.shape[0], x.device).log(), torch.cat(means)
 
 
 def field_matching_naive(x, y, eps, exclude=None):
     """The plain materialised baseline: the full B x M matrix of squared distances."""
+    eps = eps_column(eps, x)
     logits = -torch.cdist(x, y).pow(2) / (2 * eps)
     if exclude is not None:
         logits = logits + _exclusion_mask(exclude, range(0, x.shape[0]), y.shape[0], x.dtype)

@@ -22,7 +22,8 @@ NEG_BIG = tl.constexpr(-1.0e30)
 def _logits_tile(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, rows, cols, B, M, D, inv_eps,
                  stride_x, stride_y, HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Logits -‖x_i - y_j‖²/(2ε) for a (BLOCK_B, BLOCK_M) tile, masked entries at NEG_BIG."""
+    """Logits -‖x_i - y_j‖²/(2ε) for a (BLOCK_B, BLOCK_M) tile, masked entries at NEG_BIG.
+    inv_eps: a scalar, or a (BLOCK_B, 1) column of per-row 1/ε."""
     row_ok = rows < B
     col_ok = cols < M
     if USE_DOT:
@@ -82,14 +83,16 @@ def _small_products(a_ptr, y_ptr, rows, cols, B, M, D, stride_a, stride_y,
 
 
 @triton.jit
-def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, lse_ptr, wy_ptr,
-                         B, M, D, inv_eps, stride_x, stride_y,
+def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, lse_ptr, wy_ptr,
+                         B, M, D, stride_x, stride_y,
                          HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Per query: lse_i = log Σ_j exp(l_ij) and wy_i = Σ_j softmax(l_i)_j y_j (slice of D)."""
+    """Per query: lse_i = log Σ_j exp(l_ij) and wy_i = Σ_j softmax(l_i)_j y_j (slice of D),
+    with each row's own ε (inv_eps_ptr: 1/ε per row)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     vs = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    inv_eps = tl.load(inv_eps_ptr + rows, mask=rows < B, other=1.0)[:, None]
     running_max = tl.full((BLOCK_B,), NEG_BIG, dtype=tl.float32)
     total = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_B, BLOCK_DV), dtype=tl.float32)
@@ -116,8 +119,8 @@ def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, lse_ptr, wy_p
 
 
 @triton.jit
-def field_backward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, lse_ptr, gm_ptr, out_ptr,
-                          B, M, D, inv_eps, stride_x, stride_y,
+def field_backward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, lse_ptr, gm_ptr,
+                          out_ptr, B, M, D, stride_x, stride_y,
                           HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -126,6 +129,7 @@ def field_backward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, lse_ptr, gm_
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     vs = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     row_ok = rows < B
+    inv_eps = tl.load(inv_eps_ptr + rows, mask=row_ok, other=1.0)[:, None]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_DV), dtype=tl.float32)
     for start in range(0, M, BLOCK_M):
@@ -179,12 +183,12 @@ def _prepare(x, y, exclude):
     return xc, yc, (xc * xc).sum(1), (yc * yc).sum(1), excl
 
 
-def _launch(kernel, x, y, xsq, ysq, excl, has_exclude, eps, extra):
+def _launch(kernel, x, y, xsq, ysq, excl, has_exclude, inv_eps, extra):
     batch, dim = x.shape
     cfg = launch_config(dim)
     warps = cfg.pop("num_warps")
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]), triton.cdiv(dim, cfg["BLOCK_DV"]))
-    kernel[grid](x, y, xsq, ysq, excl, *extra, batch, y.shape[0], dim, 1.0 / eps, x.stride(0),
+    kernel[grid](x, y, xsq, ysq, excl, inv_eps, *extra, batch, y.shape[0], dim, x.stride(0),
                  y.stride(0), HAS_EXCLUDE=has_exclude, PRECISION=PRECISION, num_warps=warps, **cfg)
 
 
@@ -193,26 +197,27 @@ class _FieldMatching(torch.autograd.Function):
     def forward(ctx, x, y, eps, exclude):
         xc, yc, xsq, ysq, excl = _prepare(x, y, exclude)
         batch, dim = xc.shape
+        eps_col = torch.as_tensor(eps, device=x.device, dtype=torch.float32).expand(batch).reshape(batch, 1)
+        inv_eps = (1.0 / eps_col[:, 0]).contiguous()
         lse = torch.empty(batch, device=x.device, dtype=torch.float32)
         weighted_y = torch.empty(batch, dim, device=x.device, dtype=torch.float32)
-        _launch(field_forward_kernel, xc, yc, xsq, ysq, excl, exclude is not None, eps,
+        _launch(field_forward_kernel, xc, yc, xsq, ysq, excl, exclude is not None, inv_eps,
                 (lse, weighted_y))
-        mean = (weighted_y - xc) / eps
-        ctx.save_for_backward(xc, yc, xsq, ysq, excl, lse, weighted_y, mean)
-        ctx.eps, ctx.has_exclude = eps, exclude is not None
+        mean = (weighted_y - xc) / eps_col
+        ctx.save_for_backward(xc, yc, xsq, ysq, excl, inv_eps, eps_col, lse, weighted_y, mean)
+        ctx.has_exclude = exclude is not None
         return lse, mean
 
     @staticmethod
     def backward(ctx, grad_lse, grad_mean):
-        xc, yc, xsq, ysq, excl, lse, weighted_y, mean = ctx.saved_tensors
-        eps = ctx.eps
+        xc, yc, xsq, ysq, excl, inv_eps, eps, lse, weighted_y, mean = ctx.saved_tensors
         grad_x = torch.zeros_like(xc)
         if grad_lse is not None:
             grad_x += grad_lse.unsqueeze(1) * mean
         if grad_mean is not None:
             g = grad_mean.contiguous().float()
             second = torch.empty_like(xc)
-            _launch(field_backward_kernel, xc, yc, xsq, ysq, excl, ctx.has_exclude, eps,
+            _launch(field_backward_kernel, xc, yc, xsq, ysq, excl, ctx.has_exclude, inv_eps,
                     (lse, g, second))
             # d mean/dx = (Cov_w(y)/ε - I)/ε, with Cov_w(y)·G = Σ w (y·G) y - ȳ (ȳ·G)
             cov_g = second - weighted_y * (weighted_y * g).sum(1, keepdim=True)
@@ -221,8 +226,8 @@ class _FieldMatching(torch.autograd.Function):
 
 
 def field_matching_triton(x, y, eps, exclude=None):
-    """Same contract as kernels.torch_path.field_matching_torch; CUDA tensors (or the
-    interpreter under TRITON_INTERPRET=1)."""
+    """Same contract as kernels.torch_path.field_matching_torch (ε a float or one per row);
+    CUDA tensors (or the interpreter under TRITON_INTERPRET=1)."""
     lse, mean = _FieldMatching.apply(x, y, eps, exclude)
     return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean.to(x.dtype)
 

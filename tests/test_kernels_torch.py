@@ -26,6 +26,25 @@ def test_field_matching_matches_float64(impl, dim, excluded):
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-3, atol=1e-3 * ref_mean.abs().max().item())
 
 
+@pytest.mark.parametrize("impl", FAST_PATHS + [field_matching_reference], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dim", [1, 3, 17])
+@pytest.mark.parametrize("excluded", [False, True])
+def test_one_eps_per_row_equals_one_call_per_eps(impl, dim, excluded):
+    """Rows of several noise levels in one call give what a call per level gives."""
+    x, y = random_case(133, 257, dim, seed=5)
+    levels = torch.tensor([0.05, 0.4, 2.0, 9.0]) * dim
+    row_eps = levels[torch.arange(133) % 4]
+    exclude = torch.randint(-1, 257, (133,), generator=torch.Generator().manual_seed(1)) if excluded else None
+    lse, mean = impl(x, y, row_eps, exclude)
+    for level in levels:
+        rows = row_eps == level
+        ref_lse, ref_mean = field_matching_reference(x[rows], y, float(level),
+                                                     None if exclude is None else exclude[rows])
+        torch.testing.assert_close(lse[rows].double(), ref_lse, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mean[rows].double(), ref_mean, rtol=1e-3,
+                                   atol=1e-3 * ref_mean.abs().max().item())
+
+
 @pytest.mark.parametrize("impl", FAST_PATHS, ids=lambda f: f.__name__)
 def test_self_exclusion_drops_exactly_the_own_point(impl):
     y = torch.tensor([[0.0], [10.0], [20.0]])

@@ -25,6 +25,27 @@ def test_field_matching_forward(dim, excluded):
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [2, 17])
+@pytest.mark.parametrize("excluded", [False, True])
+def test_one_eps_per_row_in_one_launch(dim, excluded):
+    """Rows of several noise levels in one launch give what a launch per level gives, forward
+    and backward."""
+    x, y = random_case(45, 71, dim, seed=6)
+    levels = torch.tensor([0.05, 0.4, 2.0]) * dim
+    row_eps = levels[torch.arange(45) % 3]
+    exclude = torch.randint(-1, 71, (45,), generator=torch.Generator().manual_seed(2)) if excluded else None
+    x = x.requires_grad_()
+    weights = torch.randn(45, dim)
+    lse, mean = field_matching_triton(x, y, row_eps, exclude)
+    (grad,) = torch.autograd.grad(lse.sum() + (mean * weights).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    ref_lse, ref_mean = field_matching_reference(x64, y, row_eps, exclude)
+    (ref_grad,) = torch.autograd.grad(ref_lse.sum() + (ref_mean * weights.double()).sum(), x64)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+
+
 @pytest.mark.parametrize("eps", [1e-4, 1e4])
 def test_tiny_and_huge_bandwidth(eps):
     x, y = random_case(37, 53, 3, seed=4)
