@@ -42,6 +42,12 @@ def resolve(backend, device):
     return name
 
 
+def draw(factory, *args, generator, device, **kwargs):
+    """A random draw made on `generator`'s own device (so a seed gives the same numbers on any
+    device) and moved to `device`, where the data it meets lives."""
+    return factory(*args, generator=generator, device=generator.device, **kwargs).to(device)
+
+
 def use_all_cores():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 

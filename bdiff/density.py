@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from bdiff.backend import field_matching
+from bdiff.backend import draw, field_matching
 
 
 def log_density_std(fields_net, x_std, eps, log_c):
@@ -24,10 +24,11 @@ def normaliser(log_density_fn, rows_std, eps, n=20_000, seed=0, broad_share=0.1,
     rows = torch.as_tensor(rows_std, dtype=torch.float32)
     dim = rows.shape[1]
     n_broad = int(broad_share * n)
-    picks = torch.randint(len(rows), (n - n_broad,), generator=generator)
-    noise = torch.randn(n - n_broad, dim, generator=generator) * math.sqrt(eps)
-    broad = torch.randn(n_broad, dim, generator=generator) * broad_std
-    points = torch.cat([rows[picks.to(rows.device)] + noise.to(rows.device), broad.to(rows.device)])
+    device = rows.device
+    picks = draw(torch.randint, len(rows), (n - n_broad,), generator=generator, device=device)
+    noise = draw(torch.randn, n - n_broad, dim, generator=generator, device=device) * math.sqrt(eps)
+    broad = draw(torch.randn, n_broad, dim, generator=generator, device=device) * broad_std
+    points = torch.cat([rows[picks] + noise, broad])
     lse, _ = field_matching(points, rows, eps)
     log_near = lse.double() - 0.5 * dim * math.log(2 * math.pi * eps)
     log_broad = (-0.5 * points.double().pow(2).sum(1) / broad_std**2

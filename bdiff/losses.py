@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from bdiff.backend import field_matching
+from bdiff.backend import draw, field_matching
 from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
@@ -27,7 +27,7 @@ def heldout_bandwidth(refs, generator, holdout=0.2, backend=None):
     """ε maximising the held-out log-likelihood of p_ε built from the other rows (docs/design.md §1.2),
     over a log grid around Silverman's rule; returns ε and the grid's (ε, log-likelihood)."""
     n, dim = refs.shape
-    order = torch.randperm(n, generator=generator)
+    order = draw(torch.randperm, n, generator=generator, device=refs.device)
     cut = max(1, int(holdout * n))
     held, rest = refs[order[:cut]], refs[order[cut:]]
     base = bandwidth(len(rest), dim)
@@ -65,7 +65,7 @@ def smoothed_targets(queries, refs, eps, log_c, exclude=None, backend=None):
 
 def log_normaliser(refs, eps, generator, probe=4096, backend=None):
     """Global log C: the median log ŝ over data points (self excluded), so targets are O(1)."""
-    idx = torch.randperm(len(refs), generator=generator)[:probe]
+    idx = draw(torch.randperm, len(refs), generator=generator, device=refs.device)[:probe]
     lse, _ = field_matching(refs[idx], refs, eps, idx, backend)
     return float(lse.median())
 
@@ -82,21 +82,22 @@ def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator, spr
     """
     n_data, n_pert = int(mix[0] * batch), int(mix[1] * batch)
     n_broad = batch - n_data - n_pert
-    source = torch.randint(len(refs), (n_data + n_pert,), generator=generator)
+    device = refs.device
+    source = draw(torch.randint, len(refs), (n_data + n_pert,), generator=generator, device=device)
     scale = perturb_scale * math.sqrt(eps)
     if spread:
-        scale = scale * torch.rand(n_pert, 1, generator=generator)
-    noise = torch.randn(n_pert, refs.shape[1], generator=generator) * scale
-    broad = torch.randn(n_broad, refs.shape[1], generator=generator) * broad_std
+        scale = scale * draw(torch.rand, n_pert, 1, generator=generator, device=device)
+    noise = draw(torch.randn, n_pert, refs.shape[1], generator=generator, device=device) * scale
+    broad = draw(torch.randn, n_broad, refs.shape[1], generator=generator, device=device) * broad_std
     queries = torch.cat([refs[source[:n_data]], refs[source[n_data:]] + noise, broad])
-    exclude = torch.cat([source, torch.full((n_broad,), -1, dtype=torch.long)])
+    exclude = torch.cat([source, torch.full((n_broad,), -1, dtype=torch.long, device=device)])
     return queries, exclude
 
 
 def smoothed_data_queries(refs, batch, eps, generator):
     """x ~ p_ε: data plus N(0, εI), the weighting under which integration by parts holds."""
-    source = torch.randint(len(refs), (batch,), generator=generator)
-    noise = torch.randn(batch, refs.shape[1], generator=generator) * math.sqrt(eps)
+    source = draw(torch.randint, len(refs), (batch,), generator=generator, device=refs.device)
+    noise = draw(torch.randn, batch, refs.shape[1], generator=generator, device=refs.device) * math.sqrt(eps)
     return refs[source] + noise, source
 
 
@@ -146,7 +147,8 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
     else:
         eps_min, eps_max = model.levels
         groups = max(1, min(LEVEL_GROUPS, cfg.batch_size // 16))
-        u = (torch.arange(groups) + torch.rand(groups, generator=generator)) / groups
+        u = (torch.arange(groups, device=generator.device)
+             + torch.rand(groups, generator=generator, device=generator.device)) / groups
         levels = (eps_min * (eps_max / eps_min) ** u).tolist()
     queries, level_eps, excludes = [], [], []
     for k, level in enumerate(levels):
@@ -190,7 +192,7 @@ def split_validation(rows, fraction, generator, min_rows=8):
     count = int(fraction * len(rows))
     if count < min_rows:
         return rows, None
-    order = torch.randperm(len(rows), generator=generator).to(rows.device)
+    order = draw(torch.randperm, len(rows), generator=generator, device=rows.device)
     return rows[order[count:]], rows[order[:count]]
 
 
@@ -204,10 +206,10 @@ class ValidationSet:
     def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None):
         rows = rows[:self.MAX_ROWS]
         grid = [eps] if levels is None else (levels[0] * (levels[1] / levels[0]) ** torch.linspace(
-            0, 1, LEVEL_GROUPS, dtype=torch.float64)).tolist()
+            0, 1, LEVEL_GROUPS, dtype=torch.float64, device="cpu")).tolist()
         queries, level_eps, log_s_hat, score = [], [], [], []
         for level in grid:
-            noise = torch.randn(rows.shape, generator=generator).to(rows.device) * math.sqrt(level)
+            noise = draw(torch.randn, rows.shape, generator=generator, device=rows.device) * math.sqrt(level)
             q = torch.cat([rows, rows + noise])
             lse, mean = field_matching(q, refs, level, None, backend)
             queries.append(q)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from bdiff.backend import field_matching
+from bdiff.backend import draw, field_matching
 from bdiff.density import normaliser, reliable
 from bdiff.errors import BdiffError
 
@@ -18,7 +18,7 @@ def _tensor(values):
 
 def _mean_kernel(x, y, bandwidth, same):
     """Mean of exp(-‖x - y‖²/(2 bw²)) over pairs, skipping i = j when x is y (U-statistic)."""
-    exclude = torch.arange(len(x)) if same else None
+    exclude = torch.arange(len(x), device=x.device) if same else None
     lse, _ = field_matching(x, y, bandwidth**2, exclude)
     return float(torch.exp(lse.double()).mean())
 
@@ -37,7 +37,8 @@ def sliced_wasserstein(x, y, projections=256, seed=0, directions=None):
     x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
     if directions is None:
         generator = torch.Generator().manual_seed(seed)
-        directions = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
+        directions = draw(torch.randn, x.shape[1], projections, generator=generator, device=x.device,
+                          dtype=torch.float64)
     dirs = torch.as_tensor(directions, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     projections = dirs.shape[1]

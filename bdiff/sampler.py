@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bdiff.backend import check_memory, check_seed, field_matching, oracle_sde_step, sde_step
+from bdiff.backend import check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
 
 INITS = ("importance", "gaussian")
@@ -116,7 +116,7 @@ class Plan:
 def field_scale(fields, cfg, device):
     """(log of max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
     generator = torch.Generator().manual_seed((cfg.seed + 7_777) % 2**63)
-    probe = (torch.randn(8192, fields.dim, generator=generator) * cfg.proposal_std).to(device)
+    probe = draw(torch.randn, 8192, fields.dim, generator=generator, device=device) * cfg.proposal_std
     log_s, score = fields.log_fields(probe)
     g_norm = (score * torch.exp(log_s - log_s.max()).unsqueeze(1)).norm(dim=1)
     log_s_max = float(log_s.max())
@@ -130,11 +130,11 @@ def field_scale(fields, cfg, device):
 def _start(fields, n, cfg, plan, generator, device):
     if SAMPLERS[cfg.sampler].needs_levels:  # p_εmax ≈ the data's Gaussian widened by ε_max
         std = math.sqrt(cfg.proposal_std ** 2 + fields.levels[1])
-        return (torch.randn(n, fields.dim, generator=generator) * std).to(device)
+        return draw(torch.randn, n, fields.dim, generator=generator, device=device) * std
     if cfg.init == "gaussian":
-        return (torch.randn(n, fields.dim, generator=generator) * cfg.proposal_std).to(device)
-    candidates = torch.randn(n * cfg.oversample, fields.dim, generator=generator) * cfg.proposal_std
-    candidates = candidates.to(device)
+        return draw(torch.randn, n, fields.dim, generator=generator, device=device) * cfg.proposal_std
+    candidates = draw(torch.randn, n * cfg.oversample, fields.dim, generator=generator,
+                      device=device) * cfg.proposal_std
     log_s, _ = fields.log_fields(candidates)
     log_q = -0.5 * (candidates / cfg.proposal_std).pow(2).sum(1)
     log_w = torch.where(log_s > plan.log_floor, log_s - log_q, -math.inf)
@@ -200,9 +200,10 @@ def run_anneal(fields, x, cfg, plan, generator):
 
 def _resample(log_w, generator):
     """Systematic resampling: indices drawn in proportion to exp(log_w)."""
-    weights = torch.softmax(log_w.double().cpu(), 0)
+    weights = torch.softmax(log_w.double(), 0)
     n = len(weights)
-    positions = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n)) / n
+    offset = draw(torch.rand, 1, generator=generator, device=weights.device, dtype=torch.float64)
+    positions = (offset + torch.arange(n, device=weights.device)) / n
     return torch.searchsorted(weights.cumsum(0), positions).clamp_max(n - 1)
 
 
@@ -227,19 +228,19 @@ def run_smc(fields, x, cfg, plan, generator):
         ess = _ess(log_w) / len(x)
         min_ess = min(min_ess, ess)
         if ess < cfg.ess_frac:
-            picks = _resample(log_w, generator).to(device)
+            picks = _resample(log_w, generator)
             x, log_s, score = x[picks], log_s[picks], score[picks]
             log_w = torch.zeros_like(log_w)
             resamples += 1
         delta = hi - lo
-        noise = torch.randn(x.shape, generator=generator).to(device)
+        noise = draw(torch.randn, x.shape, generator=generator, device=device)
         log_w = log_w + (-0.5 * delta * score.pow(2).sum(1) - math.sqrt(delta) * (score * noise).sum(1)
                          - log_s).double()
         x = x + delta * score + math.sqrt(delta) * noise
         log_s, score = fields.log_fields(x, lo)
         log_w = log_w + log_s.double()
     final_ess = _ess(log_w) / len(x)
-    picks = _resample(log_w, generator).to(device)
+    picks = _resample(log_w, generator)
     x, log_s, score = x[picks], log_s[picks], score[picks]
     x, acceptance = mala(fields, x, log_s, score, cfg.mala_steps, fields.eps, generator)
     return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess,
@@ -253,13 +254,13 @@ def mala(fields, x, log_s, score, steps, eps, generator, step_frac=0.5):
     h = step_frac * eps
     accepted = 0.0
     for _ in range(steps):
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        noise = draw(torch.randn, x.shape, generator=generator, device=x.device)
         proposal = x + h * score + math.sqrt(2 * h) * noise
         log_s_new, score_new = fields.log_fields(proposal, eps)
         forward = (proposal - x - h * score).pow(2).sum(1)
         backward = (x - proposal - h * score_new).pow(2).sum(1)
         log_ratio = log_s_new - log_s + (forward - backward) / (4 * h)
-        accept = torch.rand(len(x), generator=generator).log().to(x.device) < log_ratio
+        accept = draw(torch.rand, len(x), generator=generator, device=x.device).log() < log_ratio
         x = torch.where(accept.unsqueeze(1), proposal, x)
         log_s = torch.where(accept, log_s_new, log_s)
         score = torch.where(accept.unsqueeze(1), score_new, score)

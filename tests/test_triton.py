@@ -131,3 +131,60 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90_without_spills():
     spilled = [(r["kernel"], r["sm"], r["config"]) for r in records if r["spills"]]
     assert not spilled, spilled
     assert all(0 < r["registers"] <= 255 for r in records)
+
+
+def test_fit_sample_and_evaluate_run_on_the_triton_backend(tmp_path, monkeypatch, mixture_small):
+    """The whole user path on the Triton kernels (interpreted here, CUDA on a GPU): fit, sample
+    and evaluate through the CLI with BDIFF_BACKEND=triton, every field reduction and SDE step
+    launched through Triton, and the training loss where the torch backend's is."""
+    import numpy as np
+
+    import bdiff.kernels.triton_field as triton_field
+    import bdiff.kernels.triton_sde as triton_sde
+    from bdiff.checkpoint import read_checkpoint
+    from test_cli import FAST_FIT, invoke, strict_json
+    launches = {"field": 0, "sde": 0}
+
+    def counted(kind, kernel):
+        def launch(*args, **kwargs):
+            launches[kind] += 1
+            return kernel(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(triton_field, "field_matching_triton", counted("field", triton_field.field_matching_triton))
+    monkeypatch.setattr(triton_sde, "sde_step_triton", counted("sde", triton_sde.sde_step_triton))
+    monkeypatch.setattr(triton_sde, "oracle_sde_step_triton", counted("sde", triton_sde.oracle_sde_step_triton))
+    # the interpreter runs a tile in milliseconds: the normaliser's importance sample shrinks
+    import bdiff.density
+    import bdiff.metrics
+    full_normaliser = bdiff.density.normaliser
+    for module in (bdiff.density, bdiff.metrics):
+        monkeypatch.setattr(module, "normaliser", lambda *args, **kw: full_normaliser(*args, **{**kw, "n": 512}))
+    np.save(tmp_path / "train.npy", mixture_small[:300])
+    np.save(tmp_path / "heldout.npy", mixture_small[1000:1080])
+    stored = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("BDIFF_BACKEND", backend)
+        model = tmp_path / f"{backend}.safetensors"
+        fit = invoke("fit", tmp_path / "train.npy", "-o", model, *FAST_FIT)
+        assert fit.exit_code == 0, fit.stderr
+        stored[backend] = read_checkpoint(str(model))
+    assert launches["field"] > 20  # the ε search, log C, validation targets and every step's targets
+    (torch_weights, torch_meta), (triton_weights, triton_meta) = stored["torch"], stored["triton"]
+    assert triton_meta["eps"] == torch_meta["eps"]
+    assert triton_meta["log_c"] == pytest.approx(torch_meta["log_c"], rel=1e-5)
+    for name, weight in torch_weights.items():  # 20 steps on targets equal to fp32 rounding
+        if name.startswith("model."):
+            torch.testing.assert_close(triton_weights[name], weight, rtol=1e-3, atol=1e-3)
+    fitted = tmp_path / "triton.safetensors"
+    for sampler in ("anneal", "bellman"):
+        result = invoke("sample", "-c", fitted, "--n", 150, "--steps", 8, "--sampler", sampler,
+                        "--init", "gaussian", "-o", tmp_path / f"{sampler}.npy")
+        assert result.exit_code == 0, result.stderr
+        assert np.isfinite(np.load(tmp_path / f"{sampler}.npy")).all()
+    assert launches["sde"] > 0
+    result = invoke("evaluate", "-c", fitted, "--data", tmp_path / "heldout.npy", "--train",
+                    tmp_path / "train.npy", "--n", 150, "--steps", 8, "--json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.stderr
+    metrics = strict_json(tmp_path / "m.json")
+    assert metrics["n_samples"] == 150 and metrics["mmd"] is not None
