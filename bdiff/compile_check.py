@@ -87,6 +87,7 @@ def compile_one(name, constexprs, num_warps, capability):
     spill_stores, spill_loads = map(int, re.search(
         r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose).groups())
     return {"kernel": name, "sm": capability, "num_warps": num_warps, "config": dict(constexprs),
+            "not_specialised": [p.name for p in kernel.params if p.do_not_specialize],
             "registers": regs, "stack_bytes": stack, "local_bytes": local,
             "shared_bytes": shared + compiled.metadata.shared, "spill_store_bytes": spill_stores,
             "spill_load_bytes": spill_loads, "spills": spill_stores + spill_loads + local > 0}

@@ -26,7 +26,9 @@ def _advance(x, s, g, noise, h, sqrt_h, delta, PRECOND: tl.constexpr):
     return x + h * drift + sqrt_h * diffusion * noise
 
 
-@triton.jit
+# seeds and offsets change every step and batch: specialising on them (value 1, multiples
+# of 16) would recompile the kernel mid-run
+@triton.jit(do_not_specialize=["seed", "first_elem"])
 def sde_step_kernel(x_ptr, s_ptr, g_ptr, out_ptr, n_elem, D, h, sqrt_h, delta, seed,
                     first_elem, PRECOND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -38,7 +40,7 @@ def sde_step_kernel(x_ptr, s_ptr, g_ptr, out_ptr, n_elem, D, h, sqrt_h, delta, s
     tl.store(out_ptr + idx, _advance(x, s, g, noise, h, sqrt_h, delta, PRECOND), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "first_row"])
 def oracle_sde_step_kernel(x_ptr, y_ptr, out_ptr, B, M, D, inv_eps, log_norm, s_floor,
                            h, sqrt_h, delta, seed, first_row, stride_x, stride_y,
                            PRECOND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,

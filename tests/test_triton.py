@@ -131,12 +131,18 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90_without_spills():
     spilled = [(r["kernel"], r["sm"], r["config"]) for r in records if r["spills"]]
     assert not spilled, spilled
     assert all(0 < r["registers"] <= 255 for r in records)
+    # the per-step seed and the batch offset must not trigger recompiles mid-run
+    for record in records:
+        if record["kernel"] == "sde_step_kernel":
+            assert {"seed", "first_elem"} <= set(record["not_specialised"])
+        if record["kernel"] == "oracle_sde_step_kernel":
+            assert {"seed", "first_row"} <= set(record["not_specialised"])
 
 
 def test_fit_sample_and_evaluate_run_on_the_triton_backend(tmp_path, monkeypatch, mixture_small):
     """The whole user path on the Triton kernels (interpreted here, CUDA on a GPU): fit, sample
     and evaluate through the CLI with BDIFF_BACKEND=triton, every field reduction and SDE step
-    launched through Triton, and the training loss where the torch backend's is."""
+    launched through Triton, and the trained weights where the torch backend's are."""
     import numpy as np
 
     import bdiff.kernels.triton_field as triton_field
