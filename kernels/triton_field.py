@@ -83,16 +83,12 @@ def _small_products(a_ptr, y_ptr, rows, cols, B, M, D, stride_a, stride_y,
 
 
 @triton.jit
-def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, lse_ptr, wy_ptr,
-                         B, M, D, stride_x, stride_y,
-                         HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Per query: lse_i = log Σ_j exp(l_ij) and wy_i = Σ_j softmax(l_i)_j y_j (slice of D),
-    with each row's own ε (inv_eps_ptr: 1/ε per row)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    vs = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    inv_eps = tl.load(inv_eps_ptr + rows, mask=rows < B, other=1.0)[:, None]
+def _online_softmax(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, rows, vs, B, M, D, inv_eps, stride_x,
+                    stride_y, HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """The one pass over tiles of Y with a running max: per row, the max logit, Σ exp(l - max)
+    and Σ exp(l - max) y[vs]. The field kernels and the fused SDE step share it."""
     running_max = tl.full((BLOCK_B,), NEG_BIG, dtype=tl.float32)
     total = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_B, BLOCK_DV), dtype=tl.float32)
@@ -109,6 +105,23 @@ def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, 
         acc = acc * rescale[:, None] + _weighted_values(p, y_ptr, cols, vs, M, D, stride_y,
                                                         USE_DOT, PRECISION)
         running_max = new_max
+    return running_max, total, acc
+
+
+@triton.jit
+def field_forward_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, lse_ptr, wy_ptr,
+                         B, M, D, stride_x, stride_y,
+                         HAS_EXCLUDE: tl.constexpr, USE_DOT: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Per query: lse_i = log Σ_j exp(l_ij) and wy_i = Σ_j softmax(l_i)_j y_j (slice of D),
+    with each row's own ε (inv_eps_ptr: 1/ε per row)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    vs = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    inv_eps = tl.load(inv_eps_ptr + rows, mask=rows < B, other=1.0)[:, None]
+    running_max, total, acc = _online_softmax(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, rows, vs, B, M,
+                                              D, inv_eps, stride_x, stride_y, HAS_EXCLUDE, USE_DOT,
+                                              BLOCK_B, BLOCK_M, BLOCK_D, BLOCK_K, BLOCK_DV, PRECISION)
     row_ok = rows < B
     safe_total = tl.maximum(total, 1e-30)
     tl.store(wy_ptr + rows[:, None] * D + vs[None, :], acc / safe_total[:, None],

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_field import NEG_BIG, SMALL_D, _logits_tile, _weighted_values, small_d_warps
+from .triton_field import SMALL_D, _online_softmax, small_d_warps
 
 
 @triton.jit
@@ -48,20 +48,10 @@ def oracle_sde_step_kernel(x_ptr, y_ptr, out_ptr, B, M, D, inv_eps, log_norm, s_
     """The exact smoothed fields against the references Y and one SDE step, in one launch."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ds = tl.arange(0, BLOCK_D)
-    running_max = tl.full((BLOCK_B,), NEG_BIG, dtype=tl.float32)
-    total = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        logits = _logits_tile(x_ptr, y_ptr, x_ptr, y_ptr, x_ptr, rows, cols, B, M, D, inv_eps,
-                              stride_x, stride_y, False, False, BLOCK_D, 16, "ieee")
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        p = tl.where(logits > 0.5 * NEG_BIG, tl.exp(logits - new_max[:, None]), 0.0)
-        total = total * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + _weighted_values(p, y_ptr, cols, ds, M, D, stride_y,
-                                                        False, "ieee")
-        running_max = new_max
+    # small D: no squared norms or exclusions (their pointers are placeholders)
+    running_max, total, acc = _online_softmax(x_ptr, y_ptr, x_ptr, y_ptr, x_ptr, rows, ds, B, M, D,
+                                              inv_eps, stride_x, stride_y, False, False, BLOCK_B,
+                                              BLOCK_M, BLOCK_D, 16, BLOCK_D, "ieee")
     safe_total = tl.maximum(total, 1e-30)
     s = tl.exp(running_max + tl.log(safe_total) - log_norm)
     s = tl.where((total > 0) & (s > s_floor), s, 0.0)
