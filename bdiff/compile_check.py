@@ -8,30 +8,29 @@ import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-INT_ARGS = {"B", "M", "D", "n_elem", "stride_x", "stride_y", "seed", "first_elem", "first_row"}
-FLOAT_ARGS = {"inv_eps", "h", "sqrt_h", "delta", "log_norm", "s_floor"}
+INT_ARGS = {"B", "M", "M_PAD", "D", "n_elem", "stride_x", "stride_y", "seed", "first_elem", "first_row",
+            "split_len"}
+FLOAT_ARGS = {"h", "sqrt_h", "delta", "scale", "inv_eps", "log2_norm", "s_floor"}
 CAPABILITIES = (80, 90)
 
 
 def launch_configurations():
     """(kernel name, constexprs, num_warps) for every launch the dispatch can make."""
-    from bdiff.kernels.triton_field import SMALL_D, launch_config
-    from bdiff.kernels.triton_field import small_d_warps
-    from bdiff.kernels.triton_sde import ORACLE_BLOCKS, SDE_BLOCK
+    from bdiff.kernels.triton_field import ROWS_BLOCKS, TILES_CONFIG
+    from bdiff.kernels.triton_sde import SDE_BLOCK
+    rows = dict(ROWS_BLOCKS)
+    rows_warps = rows.pop("num_warps")
+    tiles = dict(TILES_CONFIG)
+    tiles_warps = tiles.pop("num_warps")
     configs = []
-    dims = [d for d in (1, 2, 4, 8) if d <= SMALL_D] + [SMALL_D + 1]
-    for dim in dims:
-        cfg = launch_config(dim)
-        warps = cfg.pop("num_warps")
-        for kernel in ("field_forward_kernel", "field_backward_kernel"):
-            for exclude in (False, True):
-                configs.append((kernel, dict(cfg, HAS_EXCLUDE=exclude, PRECISION="ieee"), warps))
+    for exclude in (False, True):
+        for block_d in (1, 2, 4, 8):
+            configs.append(("field_rows_kernel", dict(rows, HAS_EXCLUDE=exclude, BLOCK_D=block_d), rows_warps))
+        configs.append(("field_tiles_kernel", dict(tiles, HAS_EXCLUDE=exclude, PRECISION="ieee"), tiles_warps))
     for precond in (False, True):
         configs.append(("sde_step_kernel", dict(PRECOND=precond, BLOCK=SDE_BLOCK), 4))
         for block_d in (1, 2, 4, 8):
-            configs.append(("oracle_sde_step_kernel",
-                            dict(ORACLE_BLOCKS, PRECOND=precond, BLOCK_D=block_d),
-                            small_d_warps(block_d)))
+            configs.append(("oracle_sde_step_kernel", dict(rows, PRECOND=precond, BLOCK_D=block_d), rows_warps))
     return configs
 
 
@@ -45,8 +44,8 @@ def _signature(kernel):
     for param in kernel.params:
         if param.is_constexpr:
             sig[param.name] = "constexpr"
-        elif param.name == "excl_ptr":
-            sig[param.name] = "*i64"
+        elif param.name == "excl_ptr":  # the small-D kernels take 32-bit indices (one compare a pair)
+            sig[param.name] = "*i32" if kernel.__name__ == "field_rows_kernel" else "*i64"
         elif param.name.endswith("_ptr"):
             sig[param.name] = "*fp32"
         elif param.name in INT_ARGS:
@@ -74,6 +73,7 @@ def compile_one(name, constexprs, num_warps, capability):
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = _run(os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name)
+        loop = reference_loop(_run(os.path.join(tools, "cuobjdump"), "-sass", cubin.name))
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
         # ptxas -v separates real register spills from other stack use (libdevice's cosf
@@ -90,7 +90,35 @@ def compile_one(name, constexprs, num_warps, capability):
             "not_specialised": [p.name for p in kernel.params if p.do_not_specialize],
             "registers": regs, "stack_bytes": stack, "local_bytes": local,
             "shared_bytes": shared + compiled.metadata.shared, "spill_store_bytes": spill_stores,
-            "spill_load_bytes": spill_loads, "spills": spill_stores + spill_loads + local > 0}
+            "spill_load_bytes": spill_loads, "spills": spill_stores + spill_loads + local > 0,
+            **per_pair(loop, constexprs, num_warps)}
+
+
+SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", re.M)
+
+
+def reference_loop(sass):
+    """(instructions, shuffles) in the body of the kernel's outermost loop, the one over tiles
+    of references: the span of its widest backward branch. (0, 0) for a kernel without a loop."""
+    lines = [(int(address, 16), opcode, operands) for address, opcode, operands in SASS_LINE.findall(sass)]
+    spans = [(int(operands.split()[0], 16), address) for address, opcode, operands in lines
+             if opcode == "BRA" and operands.strip().startswith("0x") and int(operands.split()[0], 16) < address]
+    if not spans:
+        return 0, 0
+    start, end = max(spans, key=lambda span: span[1] - span[0])
+    body = [opcode for address, opcode, _ in lines if start <= address <= end]
+    return len(body), sum(opcode.startswith("SHFL") for opcode in body)
+
+
+def per_pair(loop, constexprs, num_warps):
+    """Loop-body instructions and shuffles per (query, reference) pair: every thread runs the body
+    once per tile of BLOCK_B x BLOCK_M pairs, so the body times the threads over the pairs."""
+    instructions, shuffles = loop
+    if "BLOCK_M" not in constexprs or not instructions:
+        return {"loop_instructions": instructions, "instructions_per_pair": None, "shuffles_per_pair": None}
+    threads_per_pair = 32 * num_warps / (constexprs["BLOCK_B"] * constexprs["BLOCK_M"])
+    return {"loop_instructions": instructions, "instructions_per_pair": instructions * threads_per_pair,
+            "shuffles_per_pair": shuffles * threads_per_pair}
 
 
 def _run(*command):

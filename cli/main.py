@@ -424,7 +424,8 @@ def benchmark(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the records as JSON here."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the records as CSV here."),
     compile_check: bool = typer.Option(True, help="Also compile the Triton kernels for sm_80/sm_90 "
-                                       "and report registers, shared memory and spills."),
+                                       "and report registers, shared memory, spills and SASS "
+                                       "instructions and shuffles per pair."),
     force: bool = typer.Option(False, "--force", help="Replace existing --json and --csv files."),
 ):
     """Time the kernels of every backend across sizes.
@@ -483,7 +484,8 @@ def benchmark(
 
 
 def _compile_report():
-    """Registers, shared memory and spills per Triton kernel configuration (sm_80, sm_90)."""
+    """Registers, shared memory, spills, and SASS instructions and shuffles per (query, reference)
+    pair in the loop over references, per Triton kernel configuration (sm_80, sm_90)."""
     from bdiff.backend import triton_installed
     if not triton_installed():
         say("compile check: Triton is not installed")
@@ -491,13 +493,16 @@ def _compile_report():
     from bdiff.compile_check import compile_all
     records = compile_all()
     table = Table(title="Triton kernels compiled ahead of time (no GPU needed)")
-    for column in ("kernel", "sm", "config", "warps", "registers", "shared B", "spill B"):
+    for column in ("kernel", "sm", "config", "warps", "registers", "shared B", "spill B", "instr/pair",
+                   "shuffles/pair"):
         table.add_column(column)
     for r in records:
         cfg = r["config"]
-        short = ",".join(f"{k}={v}" for k, v in cfg.items() if k in ("BLOCK_D", "HAS_EXCLUDE", "PRECOND", "USE_DOT"))
+        short = ",".join(f"{k}={v}" for k, v in cfg.items() if k in ("BLOCK_D", "HAS_EXCLUDE", "PRECOND"))
+        per_pair = [f"{r[key]:.1f}" if r[key] is not None else "" for key in ("instructions_per_pair",
+                                                                              "shuffles_per_pair")]
         table.add_row(r["kernel"], str(r["sm"]), short, str(r["num_warps"]), str(r["registers"]),
-                      str(r["shared_bytes"]), str(r["spill_store_bytes"] + r["spill_load_bytes"]))
+                      str(r["shared_bytes"]), str(r["spill_store_bytes"] + r["spill_load_bytes"]), *per_pair)
     out.print(table)
     return records
 

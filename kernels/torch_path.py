@@ -31,7 +31,7 @@ def has_fused_cpu_attention():
 
 
 class _LseWithGrad(torch.autograd.Function):
-    """Attaches d lse/dx = weighted mean of (y - x)/ε, which the fused op does not provide."""
+    """Attaches d lse/dx = weighted mean of (y - x)/ε, which the fused ops do not provide."""
 
     @staticmethod
     def forward(ctx, lse, mean, x):
@@ -42,6 +42,11 @@ class _LseWithGrad(torch.autograd.Function):
     def backward(ctx, grad_lse):
         (mean,) = ctx.saved_tensors
         return None, None, grad_lse.unsqueeze(1) * mean
+
+
+def attach_lse_gradient(lse, mean, x):
+    """lse, differentiable with respect to x through its exact gradient, the weighted mean."""
+    return _LseWithGrad.apply(lse, mean.detach(), x)
 
 
 def _exclusion_mask(exclude, rows, num_refs, dtype):
@@ -87,7 +92,7 @@ def field_matching_torch(x, y, eps, exclude=None):
     lse = lse - (xc * xc).sum(1, keepdim=True).detach() / (2 * eps)
     lse = lse[:, 0]
     if x.requires_grad:
-        lse = _LseWithGrad.apply(lse, mean.detach(), x)
+        lse = attach_lse_gradient(lse, mean, x)
     return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_field import SMALL_D, _online_softmax, small_d_warps
+from .triton_field import LOG2_E, ROWS_BLOCKS, SMALL_D, padded_transpose, rows_online_softmax
 
 
 @triton.jit
@@ -41,30 +41,28 @@ def sde_step_kernel(x_ptr, s_ptr, g_ptr, out_ptr, n_elem, D, h, sqrt_h, delta, s
 
 
 @triton.jit(do_not_specialize=["seed", "first_row"])
-def oracle_sde_step_kernel(x_ptr, y_ptr, out_ptr, B, M, D, inv_eps, log_norm, s_floor,
-                           h, sqrt_h, delta, seed, first_row, stride_x, stride_y,
-                           PRECOND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """The exact smoothed fields against the references Y and one SDE step, in one launch."""
+def oracle_sde_step_kernel(x_ptr, yt_ptr, out_ptr, B, M_PAD, D, scale, inv_eps, log2_norm, s_floor,
+                           h, sqrt_h, delta, seed, first_row, stride_x, PRECOND: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The exact smoothed fields against the references (yt: Y transposed and padded, as for
+    field_rows_kernel) and one SDE step, in one launch: one particle per thread."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ds = tl.arange(0, BLOCK_D)
-    # small D: no squared norms or exclusions (their pointers are placeholders)
-    running_max, total, acc = _online_softmax(x_ptr, y_ptr, x_ptr, y_ptr, x_ptr, rows, ds, B, M, D,
-                                              inv_eps, stride_x, stride_y, False, False, BLOCK_B,
-                                              BLOCK_M, BLOCK_D, 16, BLOCK_D, "ieee")
+    neg_scale = tl.full((BLOCK_B,), -scale, dtype=tl.float32)
+    running_max, total, acc = rows_online_softmax(x_ptr, yt_ptr, x_ptr, rows, neg_scale, B, M_PAD, D,
+                                                  stride_x, 0, M_PAD, False, BLOCK_B, BLOCK_M, BLOCK_D)
     safe_total = tl.maximum(total, 1e-30)
-    s = tl.exp(running_max + tl.log(safe_total) - log_norm)
+    s = tl.exp2(running_max + tl.log2(safe_total) - log2_norm)
     s = tl.where((total > 0) & (s > s_floor), s, 0.0)
-    mask = (rows[:, None] < B) & (ds[None, :] < D)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + ds[None, :], mask=mask, other=0.0)
-    g = s[:, None] * (acc / safe_total[:, None] - x) * inv_eps
-    noise = tl.randn(seed, (first_row + rows[:, None]) * D + ds[None, :])
-    out = _advance(x, s[:, None], g, noise, h, sqrt_h, delta, PRECOND)
-    tl.store(out_ptr + rows[:, None] * D + ds[None, :], out, mask=mask)
+    mask = (ds[:, None] < D) & (rows[None, :] < B)
+    x = tl.load(x_ptr + rows[None, :] * stride_x + ds[:, None], mask=mask, other=0.0)
+    g = s[None, :] * (acc / safe_total[None, :] - x) * inv_eps
+    noise = tl.randn(seed, (first_row + rows[None, :]) * D + ds[:, None])
+    out = _advance(x, s[None, :], g, noise, h, sqrt_h, delta, PRECOND)
+    tl.store(out_ptr + rows[None, :] * D + ds[:, None], out, mask=mask)
 
 
 SDE_BLOCK = 1024
-ORACLE_BLOCKS = dict(BLOCK_B=32, BLOCK_M=32)
 
 
 def step_seed(seed, step):
@@ -88,11 +86,12 @@ def oracle_sde_step_triton(x, refs, eps, log_c, s_floor, h, seed, step, offset=0
     batch, dim = x.shape
     assert dim <= SMALL_D, "the fused oracle step covers small D only"
     out = torch.empty_like(x)
-    block_d = triton.next_power_of_2(dim)
-    log_norm = log_c + math.log(refs.shape[0])
-    oracle_sde_step_kernel[(triton.cdiv(batch, ORACLE_BLOCKS["BLOCK_B"]),)](
-        x, refs, out, batch, refs.shape[0], dim, 1.0 / eps, log_norm, s_floor, h, h**0.5,
-        0.0 if delta is None else delta, step_seed(seed, step), offset, x.stride(0),
-        refs.stride(0), PRECOND=delta is not None, BLOCK_D=block_d,
-        num_warps=small_d_warps(block_d), **ORACLE_BLOCKS)
+    blocks = dict(ROWS_BLOCKS)
+    warps = blocks.pop("num_warps")
+    yt = padded_transpose(refs, blocks["BLOCK_M"])
+    log2_norm = (log_c + math.log(refs.shape[0])) * LOG2_E
+    oracle_sde_step_kernel[(triton.cdiv(batch, blocks["BLOCK_B"]),)](
+        x, yt, out, batch, yt.shape[1], dim, LOG2_E / (2 * eps), 1.0 / eps, log2_norm, s_floor, h,
+        h**0.5, 0.0 if delta is None else delta, step_seed(seed, step), offset, x.stride(0),
+        PRECOND=delta is not None, BLOCK_D=triton.next_power_of_2(dim), num_warps=warps, **blocks)
     return out
