@@ -266,3 +266,23 @@ def test_sample_option_defaults_are_the_config_defaults():
         if param.name in checked:
             assert param.default is None or param.default == getattr(defaults, param.name), param.name
     assert {"sampler", "init", "steps", "denoise", "seed", "batch_size", "backend"} <= set(checked)
+
+
+def test_gpu_benchmark_script_runs_as_a_cpu_smoke_test(tmp_path):
+    """benchmarks/gpu.py is for a CUDA machine; on the CPU it must still check every variant it can
+    run against float64, say why the others are skipped, and write its JSON and PNG."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.py")
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--sizes", "96", "--dims", "2,16",
+                           "--repeats", "1", "--no-end-to-end", "--json", str(tmp_path / "gpu.json"),
+                           "--png", str(tmp_path / "gpu.png")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = strict_json(tmp_path / "gpu.json")
+    checked = {(r["variant"], r["D"]): r for r in report["correctness"]}
+    for name in ("naive", "chunked", "torch"):
+        for dim in (2, 16):
+            assert checked[name, dim]["lse_abs_err"] < 1e-4 and checked[name, dim]["mean_rel_err"] < 1e-4
+    timed = {r["variant"]: r for r in report["timings"] if r["D"] == 2}
+    assert timed["torch"]["median_s"] > 0 and "CUDA" in timed["sdpa"]["skipped"]
+    assert (tmp_path / "gpu.png").stat().st_size > 0

@@ -341,3 +341,21 @@ def test_fit_writes_only_safetensors_and_announces_long_preparation(tmp_path, da
     monkeypatch.setattr(bdiff.trainer, "PREPARE_NOTICE_ROWS", 100)
     result = invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT)
     assert result.exit_code == 0 and "choosing ε and log C first" in result.stderr
+
+
+def test_a_save_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """No fsync before the rename: a crash could leave an empty file under the old name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    with atomic_path(tmp_path / "out.npy") as tmp:
+        np.save(open(tmp, "wb"), np.ones(3))
+    assert events == ["fsync", "replace"]
+
+
+def test_the_trainer_leaves_the_callers_config_as_given(mixture_small):
+    """Trainer.__init__ used to rewrite the caller's FitConfig in place (batch, param, arch)."""
+    cfg = FitConfig(**dict(TINY, batch_size=None))
+    Trainer(mixture_small[:300], cfg, "mixture")
+    assert cfg == FitConfig(**dict(TINY, batch_size=None))
