@@ -8,7 +8,7 @@ import numpy as np
 from bdiff.data import fingerprint, load_data
 from bdiff.datasets import BUILTINS
 from bdiff.errors import BdiffError
-from bdiff.images import image_metrics, is_digits_shape
+from bdiff.images import image_metrics, is_digits_shape, pixel_metrics
 from bdiff.metrics import evaluate, quality_warnings
 from bdiff.model import TrainedModel
 
@@ -80,6 +80,8 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
     law = builtin.law if builtin is not None else None
     metrics = evaluate(model, heldout, values, train=train_values, law=law, seed=seed)
     shape = tuple(model.meta.get("item_shape") or [model.dim])
+    if len(shape) >= 2:  # images: the pixel checks a feature-space metric cannot see
+        metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))
     for name in ("low_density_share", "final_ess", "resamples", "mala_acceptance"):

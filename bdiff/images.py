@@ -1,7 +1,9 @@
-"""Image metrics for 8x8 digits: a small classifier trained deterministically at first use
-(sklearn's digits, training split only), whose penultimate features give a Fréchet distance
-("digits FD") between samples and held-out images, plus class statistics and a memorisation
-check. Pixels are in data units (0-16)."""
+"""Image metrics. For any image data, pixel checks a classifier cannot see (pixel_metrics): values
+outside the data's range, noise on the pixels that are almost always blank, and the distance
+between the pixel-value histograms. For 8x8 digits also a small classifier trained
+deterministically at first use (sklearn's digits, training split only), whose penultimate
+features give a Fréchet distance ("digits FD") between samples and held-out images, plus class
+statistics and a memorisation check. Pixels are in data units (0-16 for digits)."""
 import functools
 import math
 
@@ -74,6 +76,34 @@ def nearest_distance(points, train, chunk=2048):
         block = torch.from_numpy(np.asarray(points[start:start + chunk], np.float32))
         out.append(torch.cdist(block, train_t).min(1).values)
     return torch.cat(out).numpy()
+
+
+BLANK_SHARE = 0.95  # a pixel at the data's lowest value in this share of images is "blank"
+RANGE_MARGIN = 0.03  # of the data's value range: half a grey level on digits' 0-16
+
+
+def pixel_metrics(samples, heldout, train=None):
+    """Pixel-space checks against the data (images flattened to rows of pixels):
+    pixel_outside_share, sample pixels outside the data's value range widened by 3 %;
+    blank_pixel_sd beside blank_pixel_sd_ideal, the spread of samples and of held-out images on
+    the pixels at the data's lowest value in ≥ 95 % of images; pixel_w1, the Wasserstein-1
+    distance between the pooled pixel values of samples and held-out images, with
+    pixel_w1_ideal, the training images' (a perfect sampler), when they are given."""
+    from scipy.stats import wasserstein_distance
+    samples, heldout = (np.asarray(v, np.float64).reshape(len(v), -1) for v in (samples, heldout))
+    known = heldout if train is None else np.concatenate([heldout, np.asarray(train).reshape(len(train), -1)])
+    low, high = known.min(), known.max()
+    margin = RANGE_MARGIN * (high - low)
+    blank = (known == low).mean(0) >= BLANK_SHARE
+    result = {"pixel_outside_share": float(((samples < low - margin) | (samples > high + margin)).mean()),
+              "blank_pixels": int(blank.sum()),
+              "blank_pixel_sd": float(samples[:, blank].std()) if blank.any() else None,
+              "blank_pixel_sd_ideal": float(heldout[:, blank].std()) if blank.any() else None,
+              "pixel_w1": float(wasserstein_distance(samples.ravel(), heldout.ravel()))}
+    if train is not None:
+        train_pixels = np.asarray(train, np.float64).ravel()
+        result["pixel_w1_ideal"] = float(wasserstein_distance(train_pixels, heldout.ravel()))
+    return result
 
 
 def image_metrics(samples, heldout, train=None):

@@ -294,6 +294,11 @@ def quality_warnings(metrics):
         lines.append(f"the density integrates to {z:.3f} ± {se:.3f}, not 1")
     if metrics.get("density_nonpositive_share"):
         lines.append(f"the density is ≤ 0 at {metrics['density_nonpositive_share']:.1%} of the held-out rows")
+    if metrics.get("pixel_outside_share", 0) > 0.01:
+        lines.append(f"{metrics['pixel_outside_share']:.1%} of the sample pixels are outside the data's range")
+    if metrics.get("blank_pixel_sd") and metrics["blank_pixel_sd"] > 1.5 * metrics["blank_pixel_sd_ideal"]:
+        lines.append(f"noise on the blank pixels: sd {metrics['blank_pixel_sd']:.2f}, the data's "
+                     f"{metrics['blank_pixel_sd_ideal']:.2f}")
     far, far_ideal = metrics.get("far_share", 0), metrics.get("far_share_ideal", 0)
     if far - far_ideal > 0.01:  # fresh data rows fall beyond a threshold set on few rows too
         lines.append(f"{far:.1%} of the samples are far from all data (fresh data rows: {far_ideal:.1%})")

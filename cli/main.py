@@ -350,7 +350,8 @@ def evaluate(
     null where the density is ≤ 0 at some held-out row (density_nonpositive_share). far_share
     is the share of samples farther from every training row (or held-out row, without --train)
     than the data's own 99.9th-percentile nearest-neighbour distance (reference: the held-out
-    rows' own share, each left out of the threshold); outside_range_share the
+    rows' own share, each left out of the threshold); on images pixel_outside_share,
+    blank_pixel_sd (beside the data's) and pixel_w1; outside_range_share the
     share outside the data's range widened by 10%.
 
     Examples:

@@ -221,7 +221,8 @@ def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
                     "--plot", tmp_path / "plots")
     assert result.exit_code == 0, result.output + result.stderr
     report = strict_json(metrics)
-    for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio"):
+    for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "pixel_outside_share",
+                "blank_pixel_sd", "blank_pixel_sd_ideal", "pixel_w1", "pixel_w1_ideal"):
         assert np.isfinite(report[key]), key
     # importance sampling cannot pin the normaliser down in 64-D: no likelihood, and it says why
     assert report["loglik"] is None and report["normaliser_reliable"] is False

@@ -94,3 +94,24 @@ def test_log_domain_model_learns_a_10d_gaussian(tmp_path):
     x, report = sample(model, 2000, cfg)
     spread = model.standardizer.inverse(x.numpy()).std(0).mean()
     assert 0.8 < spread < 1.4 and report["low_density_share"] == 0.0
+
+
+def test_pixel_checks_see_the_gray_noise_the_classifier_tolerates(digits):
+    """Issue 14: samples with N(0, 2²) noise on every pixel still classify as digits, but the
+    pixel checks see it: values outside the data's range, noise on the always-blank pixels, a
+    pixel-value histogram far from the held-out one. Clean training images read like the data."""
+    from bdiff.images import pixel_metrics
+    train, heldout = digits
+    clean = pixel_metrics(train[:600], heldout, train)
+    assert clean["pixel_outside_share"] == 0.0
+    assert clean["blank_pixel_sd"] < 1.5 * clean["blank_pixel_sd_ideal"]
+    assert clean["pixel_w1"] < 0.1
+    noisy = train[:600] + np.random.default_rng(0).normal(0, 2.0, size=train[:600].shape).astype(np.float32)
+    dirty = pixel_metrics(noisy, heldout, train)
+    assert 0.2 < dirty["pixel_outside_share"] < 0.4  # about a third of pixels are blank, half go below
+    assert dirty["blank_pixel_sd"] > 4 * dirty["blank_pixel_sd_ideal"]
+    assert dirty["pixel_w1"] > 5 * clean["pixel_w1"]
+    assert image_metrics(noisy, heldout)["mean_confidence"] > 0.8  # what the issue saw
+    from bdiff.metrics import quality_warnings
+    assert quality_warnings(clean) == []
+    assert len(quality_warnings(dirty)) == 2
