@@ -287,3 +287,16 @@ def test_gpu_benchmark_script_runs_as_a_cpu_smoke_test(tmp_path):
     timed = {r["variant"]: r for r in report["timings"] if r["D"] == 2}
     assert timed["torch"]["median_s"] > 0 and "CUDA" in timed["sdpa"]["skipped"]
     assert (tmp_path / "gpu.png").stat().st_size > 0
+
+
+def test_benchmark_compile_check_reports_sass_per_pair(tmp_path):
+    """The CPU-side speed proxy through the CLI: every Triton configuration with registers,
+    spills, and SASS instructions and shuffles per pair (compiles are cached by Triton)."""
+    pytest.importorskip("triton")
+    result = invoke("benchmark", "--ops", "sde_step", "--sizes", "64", "--dims", "1", "--backends", "torch",
+                    "--repeats", "1", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    assert "Triton kernels compiled ahead of time" in result.output
+    compiled = [r for r in json.loads((tmp_path / "b.json").read_text()) if r["op"] == "compile"]
+    rows = [r for r in compiled if r["kernel"] == "field_rows_kernel"]
+    assert len(rows) == 16 and all(r["shuffles_per_pair"] == 0 and not r["spills"] for r in rows)
