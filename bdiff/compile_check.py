@@ -57,6 +57,18 @@ def _signature(kernel):
     return sig
 
 
+# Integers that are multiples of 16 in every launch (the padded reference count and its shares)
+ALIGNED_INTS = {"M_PAD", "split_len"}
+
+
+def _launch_attrs(kernel):
+    """The specialisation real launches get: Triton marks 16-byte-aligned pointers (every
+    PyTorch allocation) and integers divisible by 16 with tt.divisibility, which lets it
+    vectorise loads; without these hints the compile would describe a kernel that never runs."""
+    return {(i,): [["tt.divisibility", 16]] for i, param in enumerate(kernel.params)
+            if not param.is_constexpr and (param.name.endswith("_ptr") or param.name in ALIGNED_INTS)}
+
+
 def compile_one(name, constexprs, num_warps, capability):
     """Compile one configuration; returns registers, stack, shared and local bytes."""
     import triton
@@ -64,7 +76,8 @@ def compile_one(name, constexprs, num_warps, capability):
     from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses
     from triton.compiler import ASTSource
     kernel = _kernel(name)
-    source = ASTSource(fn=kernel, signature=_signature(kernel), constexprs=constexprs)
+    source = ASTSource(fn=kernel, signature=_signature(kernel), constexprs=constexprs,
+                       attrs=_launch_attrs(kernel))
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": num_warps})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
