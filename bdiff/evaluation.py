@@ -75,8 +75,7 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         values = load_data(str(samples)).values
     else:
         cfg = model.sample_config(seed=seed, **{k: v for k, v in sampling.items() if k != "n"})
-        x, report = model.sample(sampling.get("n", DEFAULT_SAMPLES), cfg, on_batch)
-        values = model.standardizer.inverse(x.cpu().numpy())
+        values, report = model.sample_values(sampling.get("n", DEFAULT_SAMPLES), cfg, on_batch)
     law = builtin.law if builtin is not None else None
     metrics = evaluate(model, heldout, values, train=train_values, law=law, seed=seed)
     shape = tuple(model.meta.get("item_shape") or [model.dim])

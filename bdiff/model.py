@@ -68,6 +68,11 @@ class TrainedModel:
         """n samples in standardised units and the sampler's report."""
         return sample(self, n, cfg, self._device(), on_batch)
 
+    def sample_values(self, n, cfg, on_batch=None):
+        """n samples in data units (a NumPy array on the host) and the sampler's report."""
+        x, report = self.sample(n, cfg, on_batch)
+        return self.standardizer.inverse(x.cpu().numpy()), report
+
     def check_dim(self, values, what):
         if values.shape[1] != self.dim:
             raise BdiffError(f"{what} has {values.shape[1]} dimensions but the model was trained "

@@ -234,8 +234,7 @@ def _draw_samples(model, n, cfg):
     """Samples in data units, with a progress bar over particle batches."""
     with _progress() as progress:
         task = progress.add_task("sample", total=n, info="")
-        x, report = model.sample(n, cfg, on_batch=lambda done, total: progress.update(task, completed=done))
-    return model.standardizer.inverse(x.cpu().numpy()), report
+        return model.sample_values(n, cfg, on_batch=lambda done, total: progress.update(task, completed=done))
 
 
 def _load_model(checkpoint, device):
@@ -534,8 +533,6 @@ def rl(
 
       bdiff rl frozenlake --compare --seeds 5 --steps 4000 --jobs 2 --json rl-results/rl.json
     """
-    import torch
-
     from bdiff.rl.envs import get_spec
     from bdiff.rl.runner import AGENTS, compare as compare_agents
     from bdiff.data import make_output_folder
@@ -550,7 +547,6 @@ def rl(
     make_output_folder(out_dir)  # first, so that --json may point into --out
     if json_path is not None:
         _check_output(json_path, (".json",), force)
-    torch.set_num_threads(1)  # small networks: threads cost more than they give
 
     def progress(agent_name, seed, step, metric, seconds):
         tell(f"{env} {agent_name} seed {seed}: step {step} {metric:.4g} ({seconds:.0f} s)")

@@ -172,10 +172,12 @@ def test_rl_cli_compare(tmp_path, jobs):
 
     from bdiff.cli.main import app
     out = tmp_path / "rl"
+    threads = torch.get_num_threads()
     result = CliRunner().invoke(app, ["rl", "frozenlake", "--compare", "--seeds", "1", "--steps", "700",
                                       "--eval-every", "350", "--jobs", jobs, "--out", str(out),
                                       "--json", str(tmp_path / "rl.json")])
     assert result.exit_code == 0, result.stderr
+    assert torch.get_num_threads() == threads  # one thread per run, restored afterwards
     records = json.loads((tmp_path / "rl.json").read_text())
     runs = [r for r in records if not r.get("summary")]
     assert {r["agent"] for r in runs} == {"bellman", "c51"}

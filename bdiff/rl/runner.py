@@ -217,11 +217,16 @@ def compare(env, seeds, steps, out_dir, agents=AGENTS, on_eval=None, jobs=1, **o
                for agent in agents for seed in range(seeds)]
     for cfg in configs:
         cfg.validate()
-    if jobs == 1:
-        results = [train(cfg, on_eval=None if on_eval is None else
-                         (lambda s, m, t, c=cfg: on_eval(c.agent, c.seed, s, m, t))) for cfg in configs]
-    else:
-        results = _train_in_parallel(configs, jobs, on_eval)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: threads cost more than they give
+    try:
+        if jobs == 1:
+            results = [train(cfg, on_eval=None if on_eval is None else
+                             (lambda s, m, t, c=cfg: on_eval(c.agent, c.seed, s, m, t))) for cfg in configs]
+        else:
+            results = _train_in_parallel(configs, jobs, on_eval)
+    finally:
+        torch.set_num_threads(threads)
     keys = ("env", "agent", "seed", "steps_to_threshold", "final_metric", "metric", "seconds",
             "budget", "final_w1_smoothed")
     records = [{k: r[k] for k in keys if k in r} for r in results]
