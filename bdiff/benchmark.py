@@ -123,7 +123,7 @@ def _operation(op, backend, batch, refs, dim, device, generator):
             batch * refs, 4.0 * batch * refs * dim)
 
 
-def _time(run, repeats, device):
+def median_time(run, repeats, device):
     """Median wall time of `repeats` runs; the caller has already warmed `run` up."""
     times = []
     for _ in range(repeats):
@@ -191,7 +191,7 @@ def run_benchmark(ops=OPS, sizes=(1024, 4096, 16384), dims=(2, 64), backends=Non
                     # measurement, so the RSS watcher thread never competes with timed runs.
                     with PeakMemory(device) as memory:
                         run()
-                    median = _time(run, repeats, device)
+                    median = median_time(run, repeats, device)
                     if backend == "naive":
                         naive_time = median
                     record.update(median_s=median, pairs_per_s=pairs / median,

@@ -10,27 +10,26 @@ from concurrent.futures import ProcessPoolExecutor
 
 INT_ARGS = {"B", "M", "M_PAD", "D", "n_elem", "stride_x", "stride_y", "seed", "first_elem", "first_row",
             "split_len"}
-FLOAT_ARGS = {"h", "sqrt_h", "delta", "scale", "inv_eps", "log2_norm", "s_floor"}
+FLOAT_ARGS = {"h", "sqrt_h", "delta", "inv_eps", "log2_norm", "s_floor"}
 CAPABILITIES = (80, 90)
 
 
 def launch_configurations():
     """(kernel name, constexprs, num_warps) for every launch the dispatch can make."""
-    from bdiff.kernels.triton_field import ROWS_BLOCKS, TILES_CONFIG
+    from bdiff.kernels.triton_field import ROWS_BLOCKS, ROWS_WARPS, TILES_BLOCKS, TILES_WARPS
     from bdiff.kernels.triton_sde import SDE_BLOCK
-    rows = dict(ROWS_BLOCKS)
-    rows_warps = rows.pop("num_warps")
-    tiles = dict(TILES_CONFIG)
-    tiles_warps = tiles.pop("num_warps")
     configs = []
     for exclude in (False, True):
         for block_d in (1, 2, 4, 8):
-            configs.append(("field_rows_kernel", dict(rows, HAS_EXCLUDE=exclude, BLOCK_D=block_d), rows_warps))
-        configs.append(("field_tiles_kernel", dict(tiles, HAS_EXCLUDE=exclude, PRECISION="ieee"), tiles_warps))
+            configs.append(("field_rows_kernel", dict(ROWS_BLOCKS, HAS_EXCLUDE=exclude, BLOCK_D=block_d),
+                            ROWS_WARPS))
+        configs.append(("field_tiles_kernel", dict(TILES_BLOCKS, HAS_EXCLUDE=exclude, PRECISION="ieee"),
+                        TILES_WARPS))
     for precond in (False, True):
         configs.append(("sde_step_kernel", dict(PRECOND=precond, BLOCK=SDE_BLOCK), 4))
         for block_d in (1, 2, 4, 8):
-            configs.append(("oracle_sde_step_kernel", dict(rows, PRECOND=precond, BLOCK_D=block_d), rows_warps))
+            configs.append(("oracle_sde_step_kernel", dict(ROWS_BLOCKS, PRECOND=precond, BLOCK_D=block_d),
+                            ROWS_WARPS))
     return configs
 
 
@@ -44,8 +43,8 @@ def _signature(kernel):
     for param in kernel.params:
         if param.is_constexpr:
             sig[param.name] = "constexpr"
-        elif param.name == "excl_ptr":  # the small-D kernels take 32-bit indices (one compare a pair)
-            sig[param.name] = "*i32" if kernel.__name__ == "field_rows_kernel" else "*i64"
+        elif param.name == "excl_ptr":  # 32-bit reference indices (kernels.triton_field._exclusions)
+            sig[param.name] = "*i32"
         elif param.name.endswith("_ptr"):
             sig[param.name] = "*fp32"
         elif param.name in INT_ARGS:

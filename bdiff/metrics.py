@@ -140,21 +140,28 @@ def nearest_distance(x, reference, chunk=4096):
                       for i in range(0, len(x), chunk)]).double().numpy()
 
 
-def far_share(samples, reference, probe, quantile=0.999, sample_distances=None):
+FAR_QUANTILE = 0.999
+
+
+def _beyond(distances, probe_distances, quantile):
+    return float((distances > np.quantile(probe_distances, quantile)).mean())
+
+
+def far_share(samples, reference, probe, quantile=FAR_QUANTILE):
     """Share of samples farther from every reference row than the data's own `quantile` of
-    nearest-neighbour distances (probe rows to the reference): samples on spurious bumps.
-    `sample_distances`: the samples' distances to the reference, when the caller has them."""
-    threshold = np.quantile(nearest_distance(probe, reference), quantile)
-    if sample_distances is None:
-        sample_distances = nearest_distance(samples, reference)
-    return float((sample_distances > threshold).mean())
+    nearest-neighbour distances (probe rows to the reference): samples on spurious bumps."""
+    return _beyond(nearest_distance(samples, reference), nearest_distance(probe, reference), quantile)
 
 
-def far_share_of_data(reference, probe, quantile=0.999):
+def far_share_of_data(reference, probe, quantile=FAR_QUANTILE):
     """What a perfect sampler scores on far_share: the share of probe rows beyond the threshold
     set by the other probe rows (leave one out). On n probe rows the quantile is about their
     largest distance, so fresh rows land beyond it about 1/(n+1) of the time."""
-    distances = np.sort(nearest_distance(probe, reference))
+    return _left_out_share(nearest_distance(probe, reference), quantile)
+
+
+def _left_out_share(probe_distances, quantile):
+    distances = np.sort(probe_distances)
     n = len(distances)
     if n < 3:
         return 0.0
@@ -215,6 +222,17 @@ def _mean_over(rows):
             for key in rows[0]}
 
 
+def sample_metrics(x_std, a_std, bandwidth, seed, distance_rows=None, x_self=(None, None)):
+    """C2ST and MMD of x against A, and with `distance_rows` (rows of x) the sliced Wasserstein
+    and energy distances; `x_self`: x's MMD self-terms when the caller has them."""
+    result = {"c2st": c2st(x_std, a_std, seed), "mmd": mmd(x_std, a_std, MMD_BANDWIDTH, x_self[0]),
+              "mmd_median": mmd(x_std, a_std, bandwidth, x_self[1])}
+    if distance_rows is not None:
+        result.update(sliced_wasserstein=sliced_wasserstein(distance_rows, a_std, seed=seed),
+                      energy_distance=energy_distance(distance_rows, a_std))
+    return result
+
+
 def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed, train_std=None, x_to_train=None):
     """Model, reference and p_ε-reference metrics against one half A. MMD (unbiased) takes every
     sample; sliced Wasserstein and energy distance, biased by the number of rows, take as many
@@ -224,23 +242,17 @@ def _split_metrics(x_std, a_std, b_std, bandwidth, x_self, eps, seed, train_std=
     rng = np.random.default_rng(seed)
     if train_std is None:
         probe, near = a_std[: len(a_std) // 2], a_std[len(a_std) // 2:]
-        far, far_ideal = far_share(x_std, near, probe), far_share_of_data(near, probe)
+        x_distances = nearest_distance(x_std, near)
     else:
-        far = far_share(x_std, train_std, a_std, sample_distances=x_to_train)
-        far_ideal = far_share_of_data(train_std, a_std)
+        probe, near, x_distances = a_std, train_std, x_to_train
+    probe_distances = nearest_distance(probe, near)
     equal = x_std[rng.choice(len(x_std), len(b_std), replace=len(x_std) < len(b_std))]
-    model = {"c2st": c2st(x_std, a_std, seed), "mmd": mmd(x_std, a_std, MMD_BANDWIDTH, x_self[0]),
-             "mmd_median": mmd(x_std, a_std, bandwidth, x_self[1]),
-             "sliced_wasserstein": sliced_wasserstein(equal, a_std, seed=seed),
-             "energy_distance": energy_distance(equal, a_std)}
-    ideal = {"c2st": c2st(b_std, a_std, seed), "mmd": mmd(b_std, a_std, MMD_BANDWIDTH),
-             "mmd_median": mmd(b_std, a_std, bandwidth),
-             "sliced_wasserstein": sliced_wasserstein(b_std, a_std, seed=seed),
-             "energy_distance": energy_distance(b_std, a_std)}
+    model = sample_metrics(x_std, a_std, bandwidth, seed, equal, x_self)
+    ideal = sample_metrics(b_std, a_std, bandwidth, seed, b_std)
     smoothed = b_std + rng.normal(size=b_std.shape).astype(np.float32) * math.sqrt(eps)
-    smoothed_ideal = {"c2st": c2st(smoothed, a_std, seed), "mmd": mmd(smoothed, a_std, MMD_BANDWIDTH),
-                      "mmd_median": mmd(smoothed, a_std, bandwidth)}
-    model["far_share"], ideal["far_share"] = far, far_ideal
+    smoothed_ideal = sample_metrics(smoothed, a_std, bandwidth, seed)
+    model["far_share"] = _beyond(x_distances, probe_distances, FAR_QUANTILE)
+    ideal["far_share"] = _left_out_share(probe_distances, FAR_QUANTILE)
     return {**model, **{f"{k}_ideal": v for k, v in ideal.items()},
             **{f"{k}_smoothed_ideal": v for k, v in smoothed_ideal.items()}}
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bdiff.backend import field_matching, triton_available  # noqa: E402
-from bdiff.benchmark import PeakMemory, _time, field_matching_keops, keops_available  # noqa: E402
+from bdiff.benchmark import PeakMemory, field_matching_keops, keops_available, median_time  # noqa: E402
 from bdiff.kernels import field_matching_reference  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def timings(found, device, sizes, dims, repeats):
                     with torch.no_grad(), PeakMemory(device) as memory:
                         run(x, y, 0.5 * dim)  # warm-up: compilation, allocator
                     with torch.no_grad():
-                        median = _time(lambda: run(x, y, 0.5 * dim), repeats, device)
+                        median = median_time(lambda: run(x, y, 0.5 * dim), repeats, device)
                     rows.append(dict(row, median_s=median, pairs_per_s=size * size / median,
                                      peak_mem_mb=memory.peak_bytes / 2**20))
                 except Exception as error:  # noqa: BLE001

@@ -65,6 +65,11 @@ def eps_column(eps, like):
     return eps.to(like.device, like.dtype)[:, None] if torch.is_tensor(eps) else eps
 
 
+def _eps_rows(eps, index):
+    """The ε of some query rows: a float stays a float."""
+    return eps[index] if torch.is_tensor(eps) else eps
+
+
 def reference_counts(exclude, batch, num_refs, device):
     """References each query averages over: M, or M - 1 where one is excluded."""
     count = torch.full((batch,), float(num_refs), device=device)
@@ -90,8 +95,7 @@ def field_matching_torch(x, y, eps, exclude=None):
     else:
         lse, weighted_y = _attention_excluding(xc, yc, eps, exclude)
     mean = (weighted_y - xc) / eps
-    lse = lse - (xc * xc).sum(1, keepdim=True).detach() / (2 * eps)
-    lse = lse[:, 0]
+    lse = (lse - (xc * xc).sum(1, keepdim=True).detach() / (2 * eps))[:, 0]
     if x.requires_grad:
         lse = attach_lse_gradient(lse, mean, x)
     return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
@@ -143,16 +147,14 @@ def _attention_excluding(xc, yc, eps, exclude):
     lse, weighted_y = _attention(xc, yc, eps)
     rows = torch.nonzero(exclude >= 0).squeeze(1)
     own = yc[exclude[rows]]
-    row_eps = eps[rows] if torch.is_tensor(eps) else eps
-    own_logit = ((xc[rows] * own).sum(1, keepdim=True) - (own * own).sum(1, keepdim=True) / 2) / row_eps
+    own_logit = ((xc[rows] * own).sum(1, keepdim=True) - (own * own).sum(1, keepdim=True) / 2) / _eps_rows(eps, rows)
     weight = torch.exp(own_logit - lse[rows])
     lse, weighted_y = lse.clone(), weighted_y.clone()
     lse[rows] = lse[rows] + torch.log1p(-weight.clamp_max(MAX_REMOVED_WEIGHT))
     weighted_y[rows] = (weighted_y[rows] - weight * own) / (1 - weight.clamp_max(0.999))
     dominated = rows[weight[:, 0] > MAX_REMOVED_WEIGHT]
     if len(dominated):
-        sub_eps = eps[dominated] if torch.is_tensor(eps) else eps
-        sub_lse, sub_wy = _attention(xc[dominated], yc, sub_eps, exclude[dominated])
+        sub_lse, sub_wy = _attention(xc[dominated], yc, _eps_rows(eps, dominated), exclude[dominated])
         lse[dominated], weighted_y[dominated] = sub_lse, sub_wy
     return lse, weighted_y
 
@@ -167,7 +169,7 @@ def field_matching_chunked(x, y, eps, exclude=None):
     for start in range(0, batch, step):
         rows = range(start, min(start + step, batch))
         xb = x[rows.start:rows.stop]
-        eps_b = eps[rows.start:rows.stop] if torch.is_tensor(eps) else eps
+        eps_b = _eps_rows(eps, slice(rows.start, rows.stop))
         logits = (2 * xb @ y.T - (xb * xb).sum(1, keepdim=True) - y_sq) / (2 * eps_b)
         logits = logits.clamp_max(0)  # a squared distance is never negative
         if exclude is not None:

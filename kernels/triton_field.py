@@ -14,6 +14,7 @@ Memory is O((B + M)·D); no atomics, so results are deterministic. Gradients flo
 log-sum-exp only (d lse/dx is the weighted mean, exact); the engine computes its training
 targets without gradients, so no backward kernel is kept.
 """
+import functools
 import math
 
 import torch
@@ -26,7 +27,7 @@ SMALL_D = 8
 # A finite "minus infinity" keeps exp(m_old - m_new) well defined when a whole tile is masked.
 NEG_BIG = tl.constexpr(-1.0e30)
 FAR = 1.0e15  # coordinate of padding references: 2^(-scale·1e30) is exactly 0 for any ε in use
-ROWS_BLOCKS = dict(BLOCK_B=128, BLOCK_M=16, num_warps=4)  # one row per thread, 4 warps
+ROWS_BLOCKS, ROWS_WARPS = dict(BLOCK_B=128, BLOCK_M=16), 4  # one query row per thread
 LOG2_E = 1.4426950408889634
 
 
@@ -149,7 +150,7 @@ def field_tiles_kernel(x_ptr, y_ptr, xsq_ptr, ysq_ptr, excl_ptr, inv_eps_ptr, ls
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-TILES_CONFIG = dict(BLOCK_B=32, BLOCK_M=32, BLOCK_K=16, BLOCK_DV=32, num_warps=8)
+TILES_BLOCKS, TILES_WARPS = dict(BLOCK_B=32, BLOCK_M=32, BLOCK_K=16, BLOCK_DV=32), 8
 PRECISION = "ieee"  # exact fp32 products; "tf32x3" trades a little accuracy for tensor cores
 
 
@@ -163,13 +164,23 @@ def padded_transpose(y, block):
     return yt
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_splits(row_blocks, tiles, device):
     """Shares of the references per block of rows: enough programs for four per multiprocessor
     on a GPU (the interpreter runs one share), never an empty share."""
     if device.type != "cuda":
         return 1
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(programs, row_blocks)))
+    return max(1, min(tiles, triton.cdiv(4 * _multiprocessors(device), row_blocks)))
+
+
+def _exclusions(exclude, placeholder):
+    """The excluded reference per query row as int32 (one 32-bit compare a pair), or a
+    placeholder pointer the kernel never reads."""
+    return exclude.to(torch.int32).contiguous() if exclude is not None else placeholder
 
 
 def _per_row(value, batch, like):
@@ -185,16 +196,16 @@ def _rows_fields(xc, yc, eps, exclude, splits):
     row_blocks = triton.cdiv(batch, block_b)
     splits = min(tiles, splits or default_splits(row_blocks, tiles, xc.device))
     split_len = triton.cdiv(tiles, splits) * block_m
-    splits = triton.cdiv(yt.shape[1], split_len)
+    splits = triton.cdiv(yt.shape[1], split_len)  # rounding the share up can leave fewer of them
     scale = _per_row(LOG2_E / (2 * eps_column(eps, xc)), batch, xc)
-    excl = exclude.to(torch.int32).contiguous() if exclude is not None else scale  # placeholder pointer
+    excl = _exclusions(exclude, scale)
     part_max = torch.empty(splits, batch, device=xc.device, dtype=torch.float32)
     part_total = torch.empty_like(part_max)
     part_acc = torch.empty(splits, dim, batch, device=xc.device, dtype=torch.float32)
     field_rows_kernel[(row_blocks, splits)](
         xc, yt, excl, scale, part_max, part_total, part_acc, batch, yt.shape[1], dim, xc.stride(0),
         split_len, HAS_EXCLUDE=exclude is not None, BLOCK_B=block_b, BLOCK_M=block_m,
-        BLOCK_D=triton.next_power_of_2(dim), num_warps=ROWS_BLOCKS["num_warps"])
+        BLOCK_D=triton.next_power_of_2(dim), num_warps=ROWS_WARPS)
     # merge the shares: log2-domain maxima to a common one, then sums
     top = part_max.max(0).values
     weight = torch.exp2(part_max - top)
@@ -207,16 +218,15 @@ def _rows_fields(xc, yc, eps, exclude, splits):
 
 def _tiles_fields(xc, yc, eps, exclude):
     batch, dim = xc.shape
-    cfg = dict(TILES_CONFIG)
-    warps = cfg.pop("num_warps")
     inv_eps = _per_row(1.0 / eps_column(eps, xc), batch, xc)
-    excl = exclude.to(torch.int64).contiguous() if exclude is not None else inv_eps  # placeholder
+    excl = _exclusions(exclude, inv_eps)
     lse = torch.empty(batch, device=xc.device, dtype=torch.float32)
     weighted_y = torch.empty(batch, dim, device=xc.device, dtype=torch.float32)
-    grid = (triton.cdiv(batch, cfg["BLOCK_B"]), triton.cdiv(dim, cfg["BLOCK_DV"]))
+    grid = (triton.cdiv(batch, TILES_BLOCKS["BLOCK_B"]), triton.cdiv(dim, TILES_BLOCKS["BLOCK_DV"]))
     field_tiles_kernel[grid](xc, yc, (xc * xc).sum(1), (yc * yc).sum(1), excl, inv_eps, lse, weighted_y,
                              batch, yc.shape[0], dim, xc.stride(0), yc.stride(0),
-                             HAS_EXCLUDE=exclude is not None, PRECISION=PRECISION, num_warps=warps, **cfg)
+                             HAS_EXCLUDE=exclude is not None, PRECISION=PRECISION, num_warps=TILES_WARPS,
+                             **TILES_BLOCKS)
     return lse, weighted_y
 
 
@@ -240,4 +250,5 @@ def field_matching_triton(x, y, eps, exclude=None, splits=None):
 
 
 __all__ = ["field_matching_triton", "field_rows_kernel", "field_tiles_kernel", "rows_online_softmax",
-           "padded_transpose", "ROWS_BLOCKS", "TILES_CONFIG", "SMALL_D", "LOG2_E"]
+           "padded_transpose", "ROWS_BLOCKS", "ROWS_WARPS", "TILES_BLOCKS", "TILES_WARPS", "SMALL_D",
+           "LOG2_E"]

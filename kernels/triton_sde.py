@@ -10,7 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_field import LOG2_E, ROWS_BLOCKS, SMALL_D, padded_transpose, rows_online_softmax
+from .triton_field import LOG2_E, ROWS_BLOCKS, ROWS_WARPS, SMALL_D, padded_transpose, rows_online_softmax
+
+
+HALF_LOG2_E = tl.constexpr(0.5 * LOG2_E)
 
 
 @triton.jit
@@ -41,14 +44,14 @@ def sde_step_kernel(x_ptr, s_ptr, g_ptr, out_ptr, n_elem, D, h, sqrt_h, delta, s
 
 
 @triton.jit(do_not_specialize=["seed", "first_row"])
-def oracle_sde_step_kernel(x_ptr, yt_ptr, out_ptr, B, M_PAD, D, scale, inv_eps, log2_norm, s_floor,
+def oracle_sde_step_kernel(x_ptr, yt_ptr, out_ptr, B, M_PAD, D, inv_eps, log2_norm, s_floor,
                            h, sqrt_h, delta, seed, first_row, stride_x, PRECOND: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """The exact smoothed fields against the references (yt: Y transposed and padded, as for
     field_rows_kernel) and one SDE step, in one launch: one particle per thread."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ds = tl.arange(0, BLOCK_D)
-    neg_scale = tl.full((BLOCK_B,), -scale, dtype=tl.float32)
+    neg_scale = tl.full((BLOCK_B,), -HALF_LOG2_E * inv_eps, dtype=tl.float32)  # log2(e)/(2ε)
     running_max, total, acc = rows_online_softmax(x_ptr, yt_ptr, x_ptr, rows, neg_scale, B, M_PAD, D,
                                                   stride_x, 0, M_PAD, False, BLOCK_B, BLOCK_M, BLOCK_D)
     safe_total = tl.maximum(total, 1e-30)
@@ -86,12 +89,11 @@ def oracle_sde_step_triton(x, refs, eps, log_c, s_floor, h, seed, step, offset=0
     batch, dim = x.shape
     assert dim <= SMALL_D, "the fused oracle step covers small D only"
     out = torch.empty_like(x)
-    blocks = dict(ROWS_BLOCKS)
-    warps = blocks.pop("num_warps")
-    yt = padded_transpose(refs, blocks["BLOCK_M"])
+    yt = padded_transpose(refs, ROWS_BLOCKS["BLOCK_M"])
     log2_norm = (log_c + math.log(refs.shape[0])) * LOG2_E
-    oracle_sde_step_kernel[(triton.cdiv(batch, blocks["BLOCK_B"]),)](
-        x, yt, out, batch, yt.shape[1], dim, LOG2_E / (2 * eps), 1.0 / eps, log2_norm, s_floor, h,
+    oracle_sde_step_kernel[(triton.cdiv(batch, ROWS_BLOCKS["BLOCK_B"]),)](
+        x, yt, out, batch, yt.shape[1], dim, 1.0 / eps, log2_norm, s_floor, h,
         h**0.5, 0.0 if delta is None else delta, step_seed(seed, step), offset, x.stride(0),
-        PRECOND=delta is not None, BLOCK_D=triton.next_power_of_2(dim), num_warps=warps, **blocks)
+        PRECOND=delta is not None, BLOCK_D=triton.next_power_of_2(dim), num_warps=ROWS_WARPS,
+        **ROWS_BLOCKS)
     return out
