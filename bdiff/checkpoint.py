@@ -15,7 +15,7 @@ from bdiff import __version__
 from bdiff.data import atomic_path
 from bdiff.errors import BdiffError
 
-FORMAT_VERSION = 2  # 2: tensor checksum
+FORMAT_VERSION = 3  # 2: tensor checksum; 3: preconditioned level fields down to ε_min below ε
 META_KEY = "bdiff"
 
 
@@ -103,6 +103,8 @@ def validate_meta(meta, tensors):
     need(whole(dim) and dim >= 1, f"dim must be a positive integer, got {dim!r}")
     need(number(meta.get("eps")) and meta["eps"] > 0, f"eps must be a positive number, got {meta.get('eps')!r}")
     need(number(meta.get("log_c")), f"log_c must be a finite number, got {meta.get('log_c')!r}")
+    need(number(meta.get("eps_train", 1.0)) and meta.get("eps_train", 1.0) > 0,
+         f"eps_train must be a positive number, got {meta.get('eps_train')!r}")
     shape = meta.get("item_shape")
     need(isinstance(shape, list) and shape and all(whole(v) and v >= 1 for v in shape)
          and int(np.prod(shape)) == dim, f"item_shape must be positive integers with product dim={dim}, "
@@ -114,6 +116,11 @@ def validate_meta(meta, tensors):
         need(isinstance(values, list) and len(values) == dim and all(number(v) for v in values),
              f"standardizer {key} must be {dim} finite numbers")
     need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
+    coding = standardizer.get("coding")
+    need(coding is None or (isinstance(coding, dict) and set(coding) == {"low", "high", "integer"}
+                            and number(coding["low"]) and number(coding["high"])
+                            and coding["low"] < coding["high"] and isinstance(coding["integer"], bool)),
+         f"standardizer coding must be null or {{low < high, integer}}, got {coding!r}")
     constant = standardizer.get("constant", [])
     need(isinstance(constant, list) and all(whole(i) and 0 <= i < dim for i in constant),
          "standardizer constant must list column indices")

@@ -55,9 +55,12 @@ class FieldModel(nn.Module):
     (D ≳ 10); the fields the sampler sees are still s and g.
 
     levels=(ε_min, ε_max): the fields of every p_ε with ε in that range, ε fed as features
-    (log fields only). Each is still linear in p_ε; the model's own fields are those at ε_min,
-    the others let the annealed sampler travel from a broad p_ε down to it. The score output
-    is scaled by 1/sqrt(ε), the size of ∇log p_ε, so the network sees O(1) targets.
+    (log fields only). Each is still linear in p_ε; the density is read at one level (the
+    model's ε), the others let the annealed sampler travel from a broad p_ε down to ε_min.
+    The networks see x / sqrt(1 + ε), unit-scale at every level of standardised data, and the
+    score is that of N(0, (1 + ε) I) plus a network term scaled by 1/sqrt(ε (1 + ε)) (Karras
+    et al. 2022's preconditioning, docs/design.md §2.2): O(1) targets at every level, and
+    the tiny levels where a denoiser must keep x almost as it is stay learnable.
     """
 
     def __init__(self, dim, width=256, depth=3, arch="shared", param="linear", levels=None):
@@ -81,14 +84,17 @@ class FieldModel(nn.Module):
         if self.levels is not None:
             eps = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
             eps = eps.expand(x.shape[0])
-            x = torch.cat([x, level_features(eps, self.levels)], 1)
+            spread = (1 + eps).unsqueeze(1)  # p_ε's variance per dimension for standardised data
+            inputs = torch.cat([x / spread.sqrt(), level_features(eps, self.levels)], 1)
+        else:
+            inputs = x
         if self.arch == "shared":
-            out = self.net(x)
+            out = self.net(inputs)
             a, b = out[:, 0], out[:, 1:]
         else:
-            a, b = self.scalar_net(x)[:, 0], self.gradient_net(x)
+            a, b = self.scalar_net(inputs)[:, 0], self.gradient_net(inputs)
         if self.levels is not None:
-            b = b / eps.sqrt().unsqueeze(1)
+            b = b / (spread * eps.unsqueeze(1)).sqrt() - x / spread
         return a, b
 
     def forward(self, x, eps=None):

@@ -62,7 +62,8 @@ class TrainedModel:
 
     def sample_config(self, **overrides):
         """The measured sampler defaults for this kind of model, overridden where not None."""
-        return default_sample_config(self.fields_net.param, self.levels is not None, **overrides)
+        return default_sample_config(self.fields_net.param, self.levels is not None,
+                                     image=len(self.meta.get("item_shape") or [self.dim]) >= 2, **overrides)
 
     def sample(self, n, cfg, on_batch=None):
         """n samples in standardised units and the sampler's report."""
@@ -86,7 +87,7 @@ class TrainedModel:
         """Log of the density at points in data units (numpy)."""
         self.check_dim(values, "the data")
         x = torch.from_numpy(self.standardizer.forward(values))
-        return self.log_density_std(x).numpy() - np.log(self.standardizer.std).sum()
+        return self.log_density_std(x).numpy() + self.standardizer.log_jacobian(values)
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

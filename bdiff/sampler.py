@@ -10,7 +10,8 @@ the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg
 - bellman / precond: Euler–Maruyama steps of the paper's SDE dx = ∇p dt + sqrt(p) dW or its
   preconditioned variant, from importance resampling of a broad proposal with weights s/q
   (possible because s is a density) or a Gaussian start.
-- anneal: down a ladder of noise levels from the broad p_εmax to p_ε.
+- anneal: down a ladder of noise levels from the broad p_εmax to ε_min, below the density's ε,
+  then one denoising step: samples of the data, not of p_ε's blur.
 - smc: the same ladder as a sequential Monte Carlo sampler, weighted with the learned log s
   at consecutive levels, resampled when the effective sample size drops, then Metropolis-
   adjusted Langevin moves at ε that accept with the learned density.
@@ -39,7 +40,7 @@ class SampleConfig:
     proposal_std: float = 1.0  # importance / Gaussian start: N(0, proposal_std² I)
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
-    denoise: bool = False     # end with x + ε ∇log s (Tweedie): removes the N(0, εI) blur of p_ε
+    denoise: bool = False     # end with x + ε ∇log s at the last level (Tweedie): removes its N(0, εI) blur
     mala_steps: int = 10      # smc: Metropolis-adjusted moves at ε after the last resampling
     ess_frac: float = 0.5     # smc: resample when the effective sample size falls below this share
     batch_size: int = 10_000
@@ -61,14 +62,19 @@ class SampleConfig:
                              "--init importance does not apply to it")
 
 
-def default_sample_config(param, leveled=False, **overrides):
+IMAGE_LEVELS = 1000  # anneal levels for image data: digits FD 5.7 / 5.2 / 4.6 at 200 / 500 / 1000
+
+
+def default_sample_config(param, leveled=False, image=False, **overrides):
     """Measured defaults (NOTES.md). Models with noise levels: annealing down the levels (local
-    dynamics at one small ε weigh each bump of p_ε by its basin, not its mass). Log fields
+    dynamics at one small ε weigh each bump of p_ε by its basin, not its mass), 200 of them, or
+    IMAGE_LEVELS for image data (finer steps in 64-D, as DDPM's 1000). Log fields
     without levels: s spans hundreds of nats, so importance weights degenerate and the paper's
     SDE stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from a Gaussian works.
     Linear fields: the paper's SDE from the importance start."""
     if leveled:
-        base = dict(sampler="anneal", init="gaussian", steps=200, floor_rel=0.0, delta_rel=0.0)
+        base = dict(sampler="anneal", init="gaussian", steps=IMAGE_LEVELS if image else 200, floor_rel=0.0,
+                    delta_rel=0.0, denoise=True)
     elif param == "log":
         base = dict(sampler="precond", init="gaussian", steps=300, floor_rel=0.0, delta_rel=0.0)
     else:
@@ -187,14 +193,17 @@ def level_ladder(levels, steps, eps):
 
 
 def run_anneal(fields, x, cfg, plan, generator):
-    """Down the ladder, each step the reverse-time move from p_hi to p_lo = p_hi deconvolved by
-    N(0, (hi - lo) I): x += (hi - lo) ∇log p_hi(x) + sqrt(hi - lo) ξ, the plain Bellman step
-    with s ≡ 1."""
-    unit = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    ladder = level_ladder(fields.levels, cfg.steps, fields.eps)
+    """Down the ladder to ε_min, each step the reverse-time move from p_hi to p_lo = p_hi
+    deconvolved by N(0, (hi - lo) I): x += (hi - lo) ∇log p_hi(x) + sqrt((hi - lo) lo/hi) ξ, the
+    Bellman step with s ≡ lo/hi. Its mean is E[x_lo | x_hi] exactly (Tweedie), its variance that
+    of x_lo given x_hi and the clean point (DDPM's ancestral step); the plain s ≡ 1 added that
+    much noise again and sampled 8 % too wide at 200 levels (NOTES.md). Not to the density's ε:
+    samples there carry its N(0, εI) blur, twice the spread of a sharp mode."""
+    ladder = level_ladder(fields.levels, cfg.steps, fields.levels[0])
     for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
         _, score = fields.log_fields(x, hi)
-        x = sde_step(x, unit, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
+        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=x.device)
+        x = sde_step(x, share, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
     return x, {}
 
 
@@ -272,13 +281,17 @@ def mala(fields, x, log_s, score, steps, eps, generator, step_frac=0.5):
 class Sampler:
     run: object
     needs_levels: bool = False
+    ends_at_floor: bool = False  # the particles end at ε_min, not at the density's ε
+
+    def end_eps(self, fields):
+        return fields.levels[0] if self.ends_at_floor else fields.eps
 
 
 SAMPLERS = {
     "bellman": Sampler(run_sde),
     "precond": Sampler(run_sde),
-    "anneal": Sampler(run_anneal, needs_levels=True),
-    "smc": Sampler(run_smc, needs_levels=True),
+    "anneal": Sampler(run_anneal, needs_levels=True, ends_at_floor=True),
+    "smc": Sampler(run_smc, needs_levels=True),  # MALA needs log s, fitted from the density's ε up
 }
 
 
@@ -315,8 +328,12 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
         x = _start(fields, count, cfg, batch_plan, generator, device)
         x, extra = chosen.run(fields, x, cfg, batch_plan, generator)
         if cfg.denoise:
-            log_s, score = fields.log_fields(x)
-            x = x + fields.eps * torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
+            end = chosen.end_eps(fields)
+            _, score = fields.log_fields(x, end)
+            if plan.log_floor > -math.inf:  # no step where the density counts as zero
+                log_s, _ = fields.log_fields(x)
+                score = torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
+            x = x + end * score
         batches.append(x)
         extras.append(extra)
         if on_batch is not None:

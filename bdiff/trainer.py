@@ -14,7 +14,7 @@ import torch
 
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import Standardizer, check_output, fingerprint
+from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint
 from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import PARAMS, FieldModel, resolve_param
@@ -22,7 +22,7 @@ from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, fiel
                           log_normaliser, noise_levels, split_validation)
 
 
-VAL_TOLERANCE = 0.01  # a relative fall of the validation loss smaller than this is no progress
+VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
 SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
 MAX_WIDTH, MAX_DEPTH = 16384, 64
 PREPARE_NOTICE_ROWS = 100_000  # from here the ε search and log C take long enough to announce
@@ -59,11 +59,15 @@ class FitConfig:
     eps: float = None            # None: from `eps_rule` on the standardised data
     eps_rule: str = "auto"       # "silverman", "scott", or "heldout": best held-out likelihood
     #                              of p_ε; auto: heldout (Silverman oversmooths multimodal data)
-    eps_max: float = None        # noise levels ε..eps_max for the annealed sampler; None: auto
+    eps_max: float = None        # noise levels up to eps_max for the annealed sampler; None: auto
     #                              (log fields: twice the data's total variance), 0: none
+    eps_floor: float = None      # lowest noise level, where the annealed sampler ends (below the
+    #                              density's ε: samples without p_ε's blur); None: 1e-4 or ε if smaller
     query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
     perturb_scale: float = 2.0   # perturbed queries: data + N(0, (perturb_scale² ε) I)
     broad_std: float = 1.5       # broad queries: N(0, broad_std² I), covering the sampler's start
+    pixel_logit: bool = True     # image data: model logit-coded pixels, dequantised when integer
+    #                              (samples stay on the data's grid and in its range; NOTES.md)
     wide_share: float = 0.0      # level models: share of queries at 4 sqrt(ε) from the rows: it pins
     #                              the gaps between rows; measured on one data set only, so off by
     #                              default (NOTES.md)
@@ -101,6 +105,8 @@ class FitConfig:
             raise BdiffError(f"the scalar-field loss weight must be positive, got {self.id_weight}")
         if self.eps_max is not None and not (self.eps_max >= 0 and math.isfinite(self.eps_max)):
             raise BdiffError(f"--eps-max must be 0 (no levels) or a positive variance, got {self.eps_max}")
+        if self.eps_floor is not None and not (1e-8 <= self.eps_floor <= 100):
+            raise BdiffError(f"--eps-floor {self.eps_floor} is outside the sensible range [1e-8, 100]")
         if not 0 <= self.val_fraction < 0.5 or self.eval_every < 1 or self.patience < 0:
             raise BdiffError("validation settings need 0 <= val_fraction < 0.5, eval_every >= 1, "
                              "patience >= 0")
@@ -126,13 +132,18 @@ class Trainer:
         self.cfg, self.source = cfg, source
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.item_shape = tuple(item_shape or values.shape[1:])
-        self.standardizer = Standardizer.fit(values, pooled=len(self.item_shape) >= 2)
+        image = len(self.item_shape) >= 2
+        coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
+        self.standardizer = Standardizer.fit(values, pooled=image, coding=coding)
         if self.standardizer.constant.all():
             raise BdiffError(f"{source}: all rows are identical; there is no distribution to learn")
         self.constant_columns = [int(i) for i in np.flatnonzero(self.standardizer.constant)]
         self.fingerprint = fingerprint(values)
         self.device = torch.device(cfg.device)
-        rows = torch.from_numpy(self.standardizer.forward(values)).to(self.device)
+        noise = None  # integer pixels: one fixed dequantisation draw per value
+        if coding is not None and coding.integer:
+            noise = np.random.default_rng(cfg.seed).random(values.shape, dtype=np.float32)
+        rows = torch.from_numpy(self.standardizer.forward(values, noise)).to(self.device)
         self.dim = rows.shape[1]
         cfg.param = resolve_param(cfg.param)
         if cfg.batch_size is None:
@@ -150,7 +161,8 @@ class Trainer:
             self.eps, self.eps_scores = heldout_bandwidth(self.refs, self.generator, backend=cfg.backend)
         else:
             self.eps = bandwidth(len(values), self.dim, cfg.eps_rule)
-        self.levels = noise_levels(self.refs, self.eps, cfg.param, cfg.eps_max)
+        self.levels = noise_levels(self.refs, self.eps, cfg.param, cfg.eps_max, cfg.eps_floor)
+        self.eps_train = self.eps  # the targets' ε; choose_eps may move the density's ε up from it
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
         self._build()
@@ -159,6 +171,7 @@ class Trainer:
         self.validation = None if self.val_rows is None else ValidationSet(
             self.val_rows, self.refs, self.eps, self.log_c, self.levels, self.generator, cfg.backend)
         self.best_val, self.stale, self.val_history = math.inf, 0, []
+        self.first_val = self.progress_val = None
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)
@@ -168,7 +181,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
 
     def meta(self):
-        return {"config": asdict(self.cfg), "eps": self.eps, "log_c": self.log_c,
+        return {"config": asdict(self.cfg), "eps": self.eps, "eps_train": self.eps_train, "log_c": self.log_c,
                 "standardizer": self.standardizer.to_dict(), "dim": self.dim,
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
@@ -200,6 +213,7 @@ class Trainer:
                                  "(start a new run with --force instead)")
         self.cfg = dataclasses.replace(stored, **{k: getattr(self.cfg, k) for k in RESUME_OPTIONS})
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
+        self.eps_train = meta.get("eps_train", self.eps)
         self.eps_scores, self.eps_model_scores = meta.get("eps_search"), meta.get("eps_model_search")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
@@ -223,7 +237,7 @@ class Trainer:
     def train_step(self):
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
-        loss, loss_grad, loss_id = field_loss(self.model, self.refs_for_step(), self.eps,
+        loss, loss_grad, loss_id = field_loss(self.model, self.refs_for_step(), self.eps_train,
                                               self.log_c, self.cfg, self.generator, self.cfg.backend)
         if not math.isfinite(loss.item()):
             raise BdiffError(f"training diverged at step {self.step} (loss {loss.item()}); "
@@ -245,27 +259,33 @@ class Trainer:
 
     def validate(self):
         """The field loss of the EMA fields on the validation rows; True when training should
-        stop: no 1 % fall in `patience` checks. The best weights so far are kept. (The rows'
-        unnormalised log-likelihood was tried as the judge and stopped far too early: it cannot
-        see mass leaking away from the data; NOTES.md.)"""
+        stop: in `patience` checks the loss has not fallen by VAL_TOLERANCE of its fall so far.
+        (A share of the loss itself stopped digits after 700 steps: the score targets' noise at
+        the smallest levels is a floor under the loss, NOTES.md.) The best weights are kept.
+        (The rows' unnormalised log-likelihood was tried as the judge and stopped far too
+        early: it cannot see mass leaking away from the data; NOTES.md.)"""
         loss = self.validation.loss(self.ema, self.cfg.id_weight)
         self.val_history.append((self.step, loss))
-        if loss < (1 - VAL_TOLERANCE) * self.best_val:  # squared errors: never negative
-            self.best_val, self.stale = loss, 0
+        if loss < self.best_val:
+            self.best_val = loss
             self.best_state = copy.deepcopy(self.ema.state_dict())
+        if self.first_val is None:
+            self.first_val = self.progress_val = loss
+        elif loss < self.progress_val - VAL_TOLERANCE * (self.first_val - self.progress_val):
+            self.progress_val, self.stale = loss, 0
         else:
             self.stale += 1
         return self.cfg.patience > 0 and self.stale >= self.cfg.patience
 
     def choose_eps(self):
-        """With noise levels and validation rows: ε becomes the level, from ε_min up to 16 ε_min,
+        """With noise levels and validation rows: ε becomes the level, from the targets' ε up to 16 times it,
         whose normalised learned density best predicts the validation rows. The rule-of-thumb or
-        KDE choice of ε_min can be sharper than the network can follow (sharp edges), and then
+        KDE choice of ε can be sharper than the network can follow (sharp edges), and then
         the model's mass leaks (NOTES.md)."""
         if self.levels is None or self.val_rows is None or self.cfg.eps is not None:
             return
-        eps_min, eps_max = self.levels
-        candidates = [eps_min * 2 ** (k / 2) for k in range(9) if eps_min * 2 ** (k / 2) < eps_max]
+        base, eps_max = self.eps_train, self.levels[1]
+        candidates = [base * 2 ** (k / 2) for k in range(9) if base * 2 ** (k / 2) < eps_max]
         self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
                                                      candidates, seed=self.cfg.seed)
 
@@ -275,11 +295,11 @@ class Trainer:
         if not self.eps_model_scores:
             return []
         eps, _, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
-        if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps ε_min
-            return [f"ε = ε_min = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
+        if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps the first
+            return [f"ε = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
                     "so no level is chosen by likelihood"]
         lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "
-                 f"validation rows; ε_min {self.levels[0]:.4g})"]
+                 f"validation rows; the targets' ε {self.eps_train:.4g})"]
         if reliable(z, se) and abs(z - 1) > 0.1:
             lines.append(f"warning: the learned density integrates to {z:.3f} ± {se:.3f}, not 1; "
                          "its likelihood is reported normalised, but samples may stray from the data")

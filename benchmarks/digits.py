@@ -1,9 +1,10 @@
 """Digits (sklearn 8x8, fixed 80/20 split): Bellman Diffusion against a small DDPM and
-sklearn KDE (raw pixels and PCA-15), same data and split, similar parameter count and
-training budget. One table: digits FD, class-histogram entropy, mean classifier confidence,
-memorisation ratio, held-out log-likelihood where defined, training and sampling time.
+sklearn KDE (raw pixels and PCA-15), same data and split, the same training steps (bdiff
+with the CLI defaults). One table: digits FD, class-histogram entropy, mean classifier
+confidence, memorisation ratio, the pixel checks (share outside the data's range, blank-pixel
+sd, pixel W1), held-out log-likelihood where defined, training and sampling time.
 
-    python benchmarks/digits.py [--steps 5000] [--n 2000] [--seeds 3]
+    python benchmarks/digits.py [--steps 3000] [--n 2000] [--seeds 3]
 
 Writes benchmarks/results/digits.json and the sample grids digits_<method>.png.
 """
@@ -22,7 +23,7 @@ from sklearn.neighbors import KernelDensity
 
 from baselines.ddpm import DDPM
 from bdiff.data import Standardizer, load_data
-from bdiff.images import image_metrics
+from bdiff.images import image_metrics, pixel_metrics
 from bdiff.model import TrainedModel
 from bdiff.plots import plot_image_grid
 from bdiff.trainer import FitConfig, Trainer
@@ -41,11 +42,10 @@ def kde_by_heldout(train, bandwidths, seed=0):
 
 
 def run_bdiff(train, steps, n, seed):
-    # width 192 with the two separate networks of a level-conditioned model: 190k parameters,
-    # beside the DDPM's 181k
+    """The CLI defaults (`bdiff fit digits`, `bdiff sample`), with --steps and a seed."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "digits.safetensors")
-        trainer = Trainer(train, FitConfig(steps=steps, width=192, seed=seed), "digits", (8, 8))
+        trainer = Trainer(train, FitConfig(steps=steps, seed=seed), "digits", (8, 8))
         fit_s = trainer.run(path)
         model = TrainedModel.load(path)
     cfg = model.sample_config(seed=seed)
@@ -82,9 +82,11 @@ def main():
     def add(method, runs, **extra):
         """runs: (samples, fit_s, sample_s, held-out loglik or None) per seed; the row holds the
         means, the per-seed FDs, and the first seed's class histogram and image grid."""
-        per_seed = [image_metrics(samples, heldout, train) for samples, *_ in runs]
+        per_seed = [{**image_metrics(samples, heldout, train), **pixel_metrics(samples, heldout, train)}
+                    for samples, *_ in runs]
         row = {"method": method, **per_seed[0]}
-        for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "classes_present"):
+        for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "classes_present",
+                    "pixel_outside_share", "blank_pixel_sd", "pixel_w1"):
             row[key] = float(np.mean([m[key] for m in per_seed]))
         row["digits_fd_seeds"] = [m["digits_fd"] for m in per_seed]
         logliks = [run[3] for run in runs if run[3] is not None]
@@ -131,7 +133,7 @@ def main():
     table = Table(title=f"digits: {args.n} samples each, FD to the 360 held-out images; "
                         f"bdiff and DDPM: mean (range) over {args.seeds} training seeds")
     for column in ("method", "digits FD", "class entropy", "classes", "confidence", "nn ratio",
-                   "held-out loglik", "fit s", "sample s"):
+                   "outside", "blank sd", "pixel W1", "held-out loglik", "fit s", "sample s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         loglik = "–" if row["heldout_loglik"] is None else f"{row['heldout_loglik']:.1f}"
@@ -139,7 +141,9 @@ def main():
         fd = f"{row['digits_fd']:.2f}" + (f" ({min(seeds):.2f}–{max(seeds):.2f})" if len(seeds) > 1 else "")
         table.add_row(row["method"], fd, f"{row['class_entropy']:.3f}",
                       f"{row['classes_present']:g}", f"{row['mean_confidence']:.3f}",
-                      f"{row['nn_ratio']:.2f}", loglik, f"{row['fit_s']:.1f}", f"{row['sample_s']:.1f}")
+                      f"{row['nn_ratio']:.2f}", f"{row['pixel_outside_share']:.4f}",
+                      f"{row['blank_pixel_sd']:.3f} ({row['blank_pixel_sd_ideal']:.3f})",
+                      f"{row['pixel_w1']:.3f}", loglik, f"{row['fit_s']:.1f}", f"{row['sample_s']:.1f}")
     Console(width=150).print(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:

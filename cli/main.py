@@ -104,17 +104,25 @@ def fit(
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
                                         "units). Default: from --eps-rule."),
-    eps_rule: str = typer.Option("auto", help="How the smallest noise level ε_min is chosen when "
-                                 "--eps is not given: silverman, scott, heldout (best likelihood of "
-                                 "p_ε on 20% of the training rows), or auto (heldout). The model's ε "
-                                 "is then the level whose learned density best predicts the rows "
-                                 "kept out."),
+    eps_rule: str = typer.Option("auto", help="How the targets' ε is chosen when --eps is not "
+                                 "given: silverman, scott, heldout (best likelihood of p_ε on 20% of "
+                                 "the training rows), or auto (heldout). The density's ε is then the "
+                                 "level, from there up to 16 times it, whose learned density best "
+                                 "predicts the rows kept out."),
     param: str = typer.Option("auto", help="Field outputs: linear (s, g, the paper's), log (log s, "
                               "∇log s: positive, finite in high D) or auto (log)."),
     eps_max: Optional[float] = typer.Option(None, help="Also learn the fields of p_ε for ε up to "
                                             "this, for the anneal sampler (log fields only). "
                                             "Default: twice the data's total variance for log "
                                             "fields, none for linear; 0 turns levels off."),
+    eps_floor: Optional[float] = typer.Option(None, help="Lowest noise level ε_min (log fields with "
+                                              "levels), where the anneal sampler ends: below ε, "
+                                              "so samples follow the data, not p_ε's N(0, εI) "
+                                              "blur. Default: 1e-4 (standardised units), or ε if "
+                                              "smaller."),
+    pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
+                                     "model logit-coded pixels (integer pixels dequantised), so "
+                                     "samples stay in the data's range and on its grid."),
     grad_loss: str = typer.Option("direct", help="Gradient loss: direct, divergence or sliced."),
     arch: str = typer.Option("auto", help="shared (one trunk) or separate (two networks); auto: "
                              "separate with noise levels, else shared."),
@@ -146,7 +154,7 @@ def fit(
     check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
-                    eps_max=eps_max, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
+                    eps_max=eps_max, eps_floor=eps_floor, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
     with output_lock(output):
         if len(loaded.values) >= PREPARE_NOTICE_ROWS:
@@ -221,7 +229,7 @@ class _PlainProgress:
 
 
 def _levels_text(levels):
-    return "" if levels is None else f" at noise levels ε..{levels[1]:.4g}"
+    return "" if levels is None else f" at noise levels {levels[0]:.4g}..{levels[1]:.4g}"
 
 
 def _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend):
@@ -259,10 +267,12 @@ def sample_command(
                                        "Default: importance for linear fields, gaussian otherwise "
                                        "(anneal and smc start from their broadest level)."),
     steps: Optional[int] = typer.Option(None, help="SDE steps (anneal, smc: levels). Default: 200 "
-                                        "levels with noise levels, 100 steps for linear fields, 300 "
-                                        "for log fields without levels."),
+                                        "levels with noise levels (1000 for image data), 100 steps "
+                                        "for linear fields, 300 for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
-                                           "step x + ε∇log s that removes the N(0, εI) smoothing."),
+                                           "step x + ε∇log s that removes the last level's N(0, εI) "
+                                           "blur. Default: on for anneal (it ends at ε_min), off "
+                                           "otherwise."),
     seed: int = typer.Option(0, help="Random seed; the same seed and --batch-size give the same "
                              "file (particles in one batch share the sampler's resampling)."),
     batch_size: int = typer.Option(10_000, help="Particles simulated at once."),

@@ -101,3 +101,17 @@ def test_sde_noise_reproducible_and_standard():
     assert torch.equal(a, sde_noise((4000, 3), 1, 7, 0, "cpu"))
     assert not torch.equal(a, sde_noise((4000, 3), 1, 8, 0, "cpu"))
     assert abs(a.mean().item()) < 0.03 and abs(a.std().item() - 1) < 0.03
+
+
+def test_with_own_kernel_equals_the_targets_without_exclusion():
+    """The level models' score target: the leave-one-out reduction plus each query's own row
+    gives the reduction over every row, at one ε per query."""
+    from bdiff.losses import with_own_kernel
+    g = torch.Generator().manual_seed(3)
+    refs, queries = torch.randn(37, 3, generator=g).double(), torch.randn(23, 3, generator=g).double()
+    eps = torch.rand(23, generator=g).double() * 0.5 + 1e-3
+    exclude = torch.randint(-1, 37, (23,), generator=g)
+    queries[:5] = refs[exclude[:5].clamp_min(0)]  # queries on their own row
+    lse, score = field_matching_reference(queries, refs, eps, exclude)
+    _, expected = field_matching_reference(queries, refs, eps)
+    assert torch.allclose(with_own_kernel(queries, refs, eps, exclude, lse, score), expected, atol=1e-9)

@@ -27,9 +27,9 @@ def test_annealing_with_exact_fields_recovers_unbalanced_weights():
     """Down the ladder of p_ε the particles split between the clusters by mass; Langevin at the
     smallest ε alone splits them by basin (the weakness annealing removes)."""
     refs, eps = _two_clusters(), 0.02
-    levels = noise_levels(refs, eps, "log")
+    levels = noise_levels(refs, eps, "log", eps_floor=eps)
     oracle = OracleFields(refs, eps, levels=levels)
-    x, report = sample(oracle, 2000, default_sample_config("log", True, steps=100))
+    x, report = sample(oracle, 2000, default_sample_config("log", True, steps=100, denoise=False))
     assert report["sampler"] == "anneal" and report["levels"] == list(levels)
     assert (x[:, 0] > 0).float().mean().item() == pytest.approx(0.2, abs=0.03)
     # the stationary law data + N(0, εI): unit variance plus ε across the cluster
@@ -38,11 +38,27 @@ def test_annealing_with_exact_fields_recovers_unbalanced_weights():
     assert (x[:, 0] > 0).float().mean().item() < 0.18
 
 
+def test_annealing_ends_below_the_density_eps_so_samples_carry_no_blur():
+    """With exact fields the anneal sampler's samples have the data's spread, not p_ε's: it
+    ends at ε_min far below ε and denoises. Ending at ε (the old default) gives variance 1 + ε."""
+    refs, eps = _two_clusters(dim=4, n=3000), 0.5
+    oracle = OracleFields(refs, eps, levels=noise_levels(refs, eps, "log"))
+    assert oracle.levels[0] == pytest.approx(1e-4)
+    x, _ = sample(oracle, 3000, default_sample_config("log", True, steps=100))
+    assert x[:, 1:].var().item() == pytest.approx(1.0, abs=0.08)
+    at_eps = OracleFields(refs, eps, levels=noise_levels(refs, eps, "log", eps_floor=eps))
+    x, _ = sample(at_eps, 3000, default_sample_config("log", True, steps=100, denoise=False))
+    assert x[:, 1:].var().item() > 1.3
+
+
 def test_noise_levels_rule_and_errors():
     refs = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)) * 2.0
     eps_min, eps_max = noise_levels(refs, 0.1, "log")
-    assert eps_min == 0.1 and eps_max == pytest.approx(2 * float(refs.var(0).sum()))
-    assert noise_levels(refs, 0.1, "log", eps_max=5.0) == (0.1, 5.0)
+    assert eps_min == 1e-4 and eps_max == pytest.approx(2 * float(refs.var(0).sum()))
+    assert noise_levels(refs, 1e-5, "log")[0] == 1e-5  # never above the density's ε
+    assert noise_levels(refs, 0.1, "log", eps_max=5.0, eps_floor=0.01) == (0.01, 5.0)
+    with pytest.raises(BdiffError, match="must not exceed"):
+        noise_levels(refs, 0.1, "log", eps_floor=0.2)
     assert noise_levels(refs, 0.1, "log", eps_max=0) is None
     assert noise_levels(refs, 0.1, "linear") is None
     with pytest.raises(BdiffError, match="log fields"):
@@ -64,6 +80,12 @@ def test_level_model_contract():
     assert torch.allclose(mixed[1], model.log_fields(x[1:2], 10.0)[1][0])
     s, g = model(x, 2.0)
     assert torch.allclose(g, s.unsqueeze(1) * model.log_fields(x, 2.0)[1], rtol=1e-5)
+    # preconditioned: with the score network's last layer at zero the score is that of
+    # N(0, (1 + ε) I), p_ε of standardised Gaussian data, at every level
+    torch.nn.init.zeros_(model.gradient_net[-1].weight)
+    torch.nn.init.zeros_(model.gradient_net[-1].bias)
+    for eps in (0.1, 10.0):
+        assert torch.allclose(model.log_fields(x, eps)[1], -x / (1 + eps), atol=1e-6)
     with pytest.raises(ValueError):
         FieldModel(5, 16, 2, param="linear", levels=(0.1, 10.0))
     with pytest.raises(ValueError):
@@ -91,12 +113,12 @@ def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
     x, report = model.sample(2000, cfg)
     values = model.standardizer.inverse(x.numpy())
     # against the same sampler on the exact fields of the same ε: the split between the
-    # clusters and the spread across them (Langevin at ε alone gives 1.32 here, not 1 + ε)
+    # clusters and the spread across them, the data's (Langevin at ε alone gives 1.32 here)
     oracle = OracleFields(torch.from_numpy(model.standardizer.forward(data)), model.eps, levels=model.levels)
     exact, _ = sample(oracle, 2000, cfg)
     midpoint = 0.5 * (data[data[:, 0] < 0, 0].mean() + data[data[:, 0] > 0, 0].mean())
     assert np.mean(values[:, 0] > midpoint) == pytest.approx(float((exact[:, 0] > midpoint).float().mean()), abs=0.05)
-    assert values[:, 1:].var() == pytest.approx(1 + model.eps, abs=0.15)
+    assert values[:, 1:].var() == pytest.approx(float(data[:, 1:].var()), abs=0.15)
 
 
 def test_short_digits_fit_gives_recognisable_varied_digits(tmp_path):
@@ -104,7 +126,7 @@ def test_short_digits_fit_gives_recognisable_varied_digits(tmp_path):
     noise levels, anneal sampler). Measured FD 12 here (5 at 5000 steps); one ε with Langevin
     gave 42-89 at 3000-5000 steps, so the bound fails without annealing."""
     from bdiff.data import load_data
-    from bdiff.images import image_metrics
+    from bdiff.images import image_metrics, pixel_metrics
     train, heldout = load_data("digits").values, load_data("digits", split="heldout").values
     path = tmp_path / "digits.safetensors"
     Trainer(train, FitConfig(steps=1000, width=192), "digits", (8, 8)).run(str(path))
@@ -114,3 +136,8 @@ def test_short_digits_fit_gives_recognisable_varied_digits(tmp_path):
     assert report["low_density_share"] == 0.0
     assert metrics["digits_fd"] < 20 and metrics["classes_present"] == 10
     assert metrics["class_entropy"] > 2.2 and metrics["mean_confidence"] > 0.85
+    # pixels: on the data's grid and in its range, blank pixels as quiet as the data's (raw
+    # pixels sampled at the density's ε: 23 % outside, blank sd 2.2 against 0.4)
+    pixels = pixel_metrics(model.standardizer.inverse(x.numpy()), heldout, train)
+    assert pixels["pixel_outside_share"] == 0.0
+    assert pixels["blank_pixel_sd"] < 1.5 * pixels["blank_pixel_sd_ideal"]
