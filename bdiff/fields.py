@@ -78,9 +78,11 @@ class FieldModel(nn.Module):
         else:
             raise ValueError(f"unknown arch {arch!r}")
 
-    def raw(self, x, eps=None):
+    def raw(self, x, eps=None, score_only=False):
         """The network outputs: (s, g) for param="linear", (log s, ∇log s) for "log"; for a
-        level-conditioned model at ε (a number or one per row; None: ε_min)."""
+        level-conditioned model at ε (a number or one per row; None: ε_min). score_only: log
+        fields from two networks skip the scalar one (a is then None): annealing needs the
+        score alone, and the scalar network was half its time."""
         if self.levels is not None:
             eps = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
             eps = eps.expand(x.shape[0])
@@ -92,7 +94,8 @@ class FieldModel(nn.Module):
             out = self.net(inputs)
             a, b = out[:, 0], out[:, 1:]
         else:
-            a, b = self.scalar_net(inputs)[:, 0], self.gradient_net(inputs)
+            skip = score_only and self.param == "log"
+            a, b = None if skip else self.scalar_net(inputs)[:, 0], self.gradient_net(inputs)
         if self.levels is not None:
             b = b / (spread * eps.unsqueeze(1)).sqrt() - x / spread
         return a, b
@@ -115,3 +118,11 @@ class FieldModel(nn.Module):
     def log_fields(self, x, eps=None):
         a, b = self.raw(x, eps)
         return (a, b) if self.param == "log" else log_view(a, b)
+
+    @torch.no_grad()
+    def score_batched(self, x, batch_size=65536, eps=None):
+        """∇log s alone, without autograd, in batches."""
+        if self.param != "log":
+            return self.fields_batched(x, batch_size, log=True, eps=eps)[1]
+        return torch.cat([self.raw(x[i:i + batch_size], eps, score_only=True)[1]
+                          for i in range(0, len(x), batch_size)])

@@ -60,6 +60,10 @@ class TrainedModel:
         at noise level ε for a level-conditioned model (None: the model's own ε)."""
         return self.fields_net.fields_batched(x_std, log=True, eps=self.eps if eps is None else eps)
 
+    def score(self, x_std, eps=None):
+        """∇log s alone at standardised points (the annealed sampler's only need)."""
+        return self.fields_net.score_batched(x_std, eps=self.eps if eps is None else eps)
+
     def sample_config(self, **overrides):
         """The measured sampler defaults for this kind of model, overridden where not None."""
         return default_sample_config(self.fields_net.param, self.levels is not None,

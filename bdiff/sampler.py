@@ -2,7 +2,8 @@
 
 A fields source has `dim`, `eps`, `levels` ((ε_min, ε_max) or None), `exact_log` (True when
 its log fields are its own outputs, not logs of possibly negative linear fields),
-`fields(x)` → (s, g) and `log_fields(x, eps=None)` → (log s, ∇log s) at ε or at any level;
+`fields(x)` → (s, g), `log_fields(x, eps=None)` → (log s, ∇log s) at ε or at any level and
+`score(x, eps=None)` → ∇log s alone;
 optionally `fused_step(x, s_floor, h, seed, step, offset, delta)`, one launch that evaluates
 the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg, plan)` →
 (x, report) plus its entry in SAMPLERS.
@@ -62,13 +63,14 @@ class SampleConfig:
                              "--init importance does not apply to it")
 
 
-IMAGE_LEVELS = 1000  # anneal levels for image data: digits FD 5.7 / 5.2 / 4.6 at 200 / 500 / 1000
+IMAGE_LEVELS = 2000  # anneal levels for image data: digits FD 5.7 / 5.2 / 4.6 at 200 / 500 / 1000
+#                      on one model, 4.9 / 4.6 at 1000 / 2000 on another (NOTES.md)
 
 
 def default_sample_config(param, leveled=False, image=False, **overrides):
     """Measured defaults (NOTES.md). Models with noise levels: annealing down the levels (local
     dynamics at one small ε weigh each bump of p_ε by its basin, not its mass), 200 of them, or
-    IMAGE_LEVELS for image data (finer steps in 64-D, as DDPM's 1000). Log fields
+    IMAGE_LEVELS for image data (finer steps in 64-D; DDPM takes 1000). Log fields
     without levels: s spans hundreds of nats, so importance weights degenerate and the paper's
     SDE stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from a Gaussian works.
     Linear fields: the paper's SDE from the importance start."""
@@ -104,6 +106,9 @@ class OracleFields:
     def log_fields(self, x, eps=None):
         lse, mean = field_matching(x, self.refs, self.eps if eps is None else eps, None, self.backend)
         return lse - self.log_c, mean
+
+    def score(self, x, eps=None):
+        return self.log_fields(x, eps)[1]
 
     def fused_step(self, x, s_floor, h, seed, step, offset, delta):
         return oracle_sde_step(x, self.refs, self.eps, self.log_c, s_floor, h, seed, step, offset,
@@ -201,7 +206,7 @@ def run_anneal(fields, x, cfg, plan, generator):
     samples there carry its N(0, εI) blur, twice the spread of a sharp mode."""
     ladder = level_ladder(fields.levels, cfg.steps, fields.levels[0])
     for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
-        _, score = fields.log_fields(x, hi)
+        score = fields.score(x, hi)
         share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=x.device)
         x = sde_step(x, share, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
     return x, {}
@@ -329,7 +334,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
         x, extra = chosen.run(fields, x, cfg, batch_plan, generator)
         if cfg.denoise:
             end = chosen.end_eps(fields)
-            _, score = fields.log_fields(x, end)
+            score = fields.score(x, end)
             if plan.log_floor > -math.inf:  # no step where the density counts as zero
                 log_s, _ = fields.log_fields(x)
                 score = torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))

@@ -24,6 +24,7 @@ from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, fiel
 
 VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
 SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
+STEPS, IMAGE_STEPS = 3000, 6000  # image data: digits FD 5.5 at 3000 steps, 4.9 at 6000 (NOTES.md)
 MAX_WIDTH, MAX_DEPTH = 16384, 64
 PREPARE_NOTICE_ROWS = 100_000  # from here the ε search and log C take long enough to announce
 # options a resumed run takes from now; every other option is the stored run's
@@ -43,7 +44,8 @@ def check_fit_output(output, data, resume, force):
 
 @dataclass
 class FitConfig:
-    steps: int = 3000            # a cap: training stops earlier when the validation loss stalls
+    steps: int = None            # a cap: training stops earlier when the validation loss stalls;
+    #                              None: STEPS, or IMAGE_STEPS for image data
     batch_size: int = None       # queries per step; None: 1024, or SMALL_BATCH for data sets under
     #                              SMALL_DATA_ROWS rows (same held-out likelihood there, 3-4x faster;
     #                              NOTES.md)
@@ -83,7 +85,7 @@ class FitConfig:
     patience: int = 5            # validations without a VAL_TOLERANCE gain before training stops; 0: never
 
     def validate(self):
-        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 2):
+        if (self.steps is not None and self.steps < 1) or (self.batch_size is not None and self.batch_size < 2):
             raise BdiffError("--steps must be >= 1 and --batch-size >= 2")
         for name, value, most in (("width", self.width, MAX_WIDTH), ("depth", self.depth, MAX_DEPTH)):
             if not 1 <= value <= most:
@@ -133,6 +135,8 @@ class Trainer:
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.item_shape = tuple(item_shape or values.shape[1:])
         image = len(self.item_shape) >= 2
+        if cfg.steps is None:
+            cfg.steps = IMAGE_STEPS if image else STEPS
         coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
         self.standardizer = Standardizer.fit(values, pooled=image, coding=coding)
         if self.standardizer.constant.all():

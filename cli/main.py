@@ -97,8 +97,9 @@ def fit(
                                "wine, breast_cancer."),
     output: Path = typer.Option(DEFAULT_CHECKPOINT, "-o", "--output", help="Checkpoint to write."),
     key: Optional[str] = typer.Option(None, help="Array name inside a .npz/.safetensors file."),
-    steps: int = typer.Option(3000, help="Most training steps; training stops earlier when the loss "
-                              "on 10% of the rows kept out stops improving."),
+    steps: Optional[int] = typer.Option(None, help="Most training steps; training stops earlier when "
+                                        "the loss on 10% of the rows kept out stops improving. "
+                                        "Default: 3000, or 6000 for image data."),
     batch_size: Optional[int] = typer.Option(None, help="Query points per step. Default: 1024, or "
                                              "128 for data sets under 1000 rows."),
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
@@ -267,7 +268,7 @@ def sample_command(
                                        "Default: importance for linear fields, gaussian otherwise "
                                        "(anneal and smc start from their broadest level)."),
     steps: Optional[int] = typer.Option(None, help="SDE steps (anneal, smc: levels). Default: 200 "
-                                        "levels with noise levels (1000 for image data), 100 steps "
+                                        "levels with noise levels (2000 for image data), 100 steps "
                                         "for linear fields, 300 for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
                                            "step x + ε∇log s that removes the last level's N(0, εI) "

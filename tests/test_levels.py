@@ -80,6 +80,7 @@ def test_level_model_contract():
     assert torch.allclose(mixed[1], model.log_fields(x[1:2], 10.0)[1][0])
     s, g = model(x, 2.0)
     assert torch.allclose(g, s.unsqueeze(1) * model.log_fields(x, 2.0)[1], rtol=1e-5)
+    assert torch.equal(model.score_batched(x, eps=per_row), mixed)  # the score network alone
     # preconditioned: with the score network's last layer at zero the score is that of
     # N(0, (1 + ε) I), p_ε of standardised Gaussian data, at every level
     torch.nn.init.zeros_(model.gradient_net[-1].weight)
