@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from bdiff import __version__
-from bdiff.data import atomic_path
+from bdiff.data import DISCRETE_MAX_VALUES, atomic_path
 from bdiff.errors import BdiffError
 
 FORMAT_VERSION = 3  # 2: tensor checksum; 3: preconditioned level fields down to ε_min below ε
@@ -121,6 +121,14 @@ def validate_meta(meta, tensors):
                             and number(coding["low"]) and number(coding["high"])
                             and coding["low"] < coding["high"] and isinstance(coding["integer"], bool)),
          f"standardizer coding must be null or {{low < high, integer}}, got {coding!r}")
+    discrete = standardizer.get("discrete", {})
+    need(isinstance(discrete, dict) and all(
+        key.isdigit() and int(key) < dim and isinstance(distinct, list)
+        and 2 <= len(distinct) <= DISCRETE_MAX_VALUES
+        and all(number(v) for v in distinct) and distinct == sorted(set(distinct))
+        for key, distinct in discrete.items()),
+        f"standardizer discrete must map column indices to 2-{DISCRETE_MAX_VALUES} sorted distinct "
+        "finite values")
     constant = standardizer.get("constant", [])
     need(isinstance(constant, list) and all(whole(i) and 0 <= i < dim for i in constant),
          "standardizer constant must list column indices")

@@ -192,14 +192,34 @@ class PixelCoding:
         return {"low": self.low, "high": self.high, "integer": self.integer}
 
 
+DISCRETE_MAX_VALUES = 20  # a column with at most this many distinct values is a code or a count
+DISCRETE_PROBE_ROWS = 100_000  # rows looked at first, so long continuous columns are not sorted
+
+
+def discrete_columns(values):
+    """{column: its sorted distinct values} for the columns with 2..DISCRETE_MAX_VALUES of them."""
+    found = {}
+    for column in range(values.shape[1]):
+        if len(np.unique(values[:DISCRETE_PROBE_ROWS, column])) > DISCRETE_MAX_VALUES:
+            continue
+        distinct = np.unique(np.concatenate([np.unique(values[rows, column]) for rows in _chunks(len(values))]))
+        if 2 <= len(distinct) <= DISCRETE_MAX_VALUES:
+            found[column] = distinct.astype(np.float64)
+    return found
+
+
 @dataclass
 class Standardizer:
     """Data units ↔ the model's units: per-column (or pooled) standardisation, after the pixel
-    coding where there is one (image data)."""
+    coding where there is one (image data). Columns with few distinct values (codes, counts,
+    a binary sex column) come back from inverse() snapped to those values: a density on the
+    real line cannot put mass exactly on them, and a sample of 0.97 for a 0/1 column is one a
+    user (and a classifier two-sample test) tells from the data at once (NOTES.md)."""
     mean: np.ndarray
     std: np.ndarray               # 1 for constant columns, so forward() stays finite
     constant: np.ndarray = None   # columns with no spread: inverse() puts them back exactly
     coding: PixelCoding = None
+    discrete: dict = None         # column → sorted distinct values (tabular data)
 
     @classmethod
     def fit(cls, values, pooled=False, coding=None):
@@ -217,7 +237,8 @@ class Standardizer:
         std = np.where(constant, 0.0, std)
         if pooled:
             std = np.full_like(std, np.sqrt(squares.sum() / (len(values) * squares.size)))
-        return cls(mean, np.where(std > 0, std, 1.0), constant, coding)
+        discrete = None if pooled else discrete_columns(values)
+        return cls(mean, np.where(std > 0, std, 1.0), constant, coding, discrete or None)
 
     def forward(self, values, noise=None):
         """Model units (float32); noise: the pixel coding's dequantisation draws, one per value."""
@@ -232,7 +253,12 @@ class Standardizer:
     def inverse(self, values):
         scale = self.std if self.constant is None else np.where(self.constant, 0.0, self.std)
         out = values * scale + self.mean
-        return (out if self.coding is None else self.coding.inverse(out)).astype(np.float32)
+        if self.coding is not None:
+            out = self.coding.inverse(out)
+        for column, distinct in (self.discrete or {}).items():
+            between = (distinct[1:] + distinct[:-1]) / 2
+            out[:, column] = distinct[np.searchsorted(between, out[:, column])]
+        return out.astype(np.float32)
 
     def log_jacobian(self, values):
         """log |d(model units)/d(data units)| per row (numpy)."""
@@ -247,6 +273,8 @@ class Standardizer:
             d["constant"] = [int(i) for i in np.flatnonzero(self.constant)]
         if self.coding is not None:
             d["coding"] = self.coding.to_dict()
+        if self.discrete:
+            d["discrete"] = {str(column): distinct.tolist() for column, distinct in self.discrete.items()}
         return d
 
     @classmethod
@@ -255,7 +283,9 @@ class Standardizer:
         constant = np.zeros(len(mean), dtype=bool)
         constant[list(d.get("constant", []))] = True
         coding = None if d.get("coding") is None else PixelCoding(**d["coding"])
-        return cls(mean, np.asarray(d["std"], dtype=np.float64), constant, coding)
+        discrete = {int(column): np.asarray(distinct, dtype=np.float64)
+                    for column, distinct in d.get("discrete", {}).items()} or None
+        return cls(mean, np.asarray(d["std"], dtype=np.float64), constant, coding, discrete)
 
 
 def fingerprint(values):

@@ -164,3 +164,18 @@ def test_standardizer_with_pixel_coding_round_trips_through_its_dict(rng):
     assert np.array_equal(again.forward(pixels), scale.forward(pixels))
     assert np.array_equal(again.inverse(scale.forward(pixels)), pixels)
     assert np.all(again.inverse(rng.normal(size=(10, 8)))[:, 0] == 0)
+
+
+def test_columns_with_few_values_come_back_on_those_values(rng):
+    """A 0/1 column and a 5-level code are snapped to their values by inverse(); a column with
+    more than DISCRETE_MAX_VALUES distinct values is left continuous. The grid survives to_dict."""
+    values = np.column_stack([rng.integers(0, 2, 300), rng.choice([1.5, 2.0, 4.0, 7.0, 9.5], 300),
+                              rng.integers(0, 21, 300), rng.normal(size=300)]).astype(np.float32)
+    scale = Standardizer.fit(values)
+    assert sorted(scale.discrete) == [0, 1]
+    again = Standardizer.from_dict(scale.to_dict())
+    back = again.inverse(rng.normal(size=(500, 4)).astype(np.float32) * 2)
+    assert set(np.unique(back[:, 0])) <= {0.0, 1.0} and set(np.unique(back[:, 1])) <= {1.5, 2.0, 4.0, 7.0, 9.5}
+    assert len(np.unique(back[:, 2])) > 21 and len(np.unique(back[:, 3])) > 21
+    round_trip = again.inverse(again.forward(values))
+    assert np.array_equal(round_trip[:, :2], values[:, :2]) and np.allclose(round_trip, values, atol=1e-5)
