@@ -357,7 +357,10 @@ def evaluate(
     median distance (mmd_median); *_smoothed_ideal is B plus N(0, εI), a perfect sampler of the
     smoothed p_ε. loglik is the held-out mean log-density after dividing by the normaliser Z,
     estimated by importance sampling (normaliser, normaliser_se; 1 for a proper density); it is
-    null where the density is ≤ 0 at some held-out row (density_nonpositive_share). far_share
+    null where the density is ≤ 0 at some held-out row (density_nonpositive_share) and where Z
+    cannot be estimated to 5% (normaliser_reliable false: high D, e.g. 64-D digits), with the
+    plain mean as loglik_unnormalised; image models report it for the coded pixels' density
+    times the coding's Jacobian (dequantised pixels for integer images). far_share
     is the share of samples farther from every training row (or held-out row, without --train)
     than the data's own 99.9th-percentile nearest-neighbour distance (reference: the held-out
     rows' own share, each left out of the threshold); on images pixel_outside_share,
