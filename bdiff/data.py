@@ -179,7 +179,7 @@ class PixelCoding:
         t = (1 / (1 + np.exp(-np.asarray(u, np.float64))) - PIXEL_SQUEEZE) / (1 - 2 * PIXEL_SQUEEZE)
         if self.integer:
             return np.clip(np.floor(t * self.span), 0, self.span - 1) + self.low
-        return np.clip(t, 0, 1) * self.span + self.low
+        return np.clip(np.round(t, 9), 0, 1) * self.span + self.low  # exact at the box's ends
 
     def log_jacobian(self, values):
         """Σ log |du/dv| per row, integer pixels at their cells' centres: a density of the codes

@@ -51,6 +51,9 @@ def noise_levels(refs, eps, param, eps_max=None, eps_floor=None):
     eps_floor: ε_min, where the annealed sampler ends, below the density's ε so that samples
     follow the data rather than p_ε's N(0, εI) blur; None: EPS_FLOOR (or ε if smaller)."""
     if eps_max == 0 or (eps_max is None and param != "log"):
+        if eps_floor is not None:
+            raise BdiffError("--eps-floor sets the lowest noise level; it needs noise levels (log "
+                             "fields, --eps-max not 0)")
         return None
     if param != "log":
         raise BdiffError("noise levels (--eps-max) need log fields (--param log)")

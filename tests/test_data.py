@@ -147,6 +147,7 @@ def test_pixel_coding_keeps_samples_on_the_data_grid_and_in_its_range(rng):
     values = rng.uniform(-0.9, 2.9, size=(5, 3))
     assert not smooth.integer and np.allclose(smooth.inverse(smooth.forward(values)), values)
     assert smooth.inverse(np.full((1, 3), 1e3)).max() <= smooth.high
+    assert np.array_equal(smooth.inverse(smooth.forward(np.full((1, 3), smooth.low))), np.full((1, 3), smooth.low))
     h = 1e-6
     numeric = sum(np.log((smooth.forward(values + h * e) - smooth.forward(values - h * e)) @ e / (2 * h))
                   for e in np.eye(3))

@@ -59,6 +59,8 @@ def test_noise_levels_rule_and_errors():
     assert noise_levels(refs, 0.1, "log", eps_max=5.0, eps_floor=0.01) == (0.01, 5.0)
     with pytest.raises(BdiffError, match="must not exceed"):
         noise_levels(refs, 0.1, "log", eps_floor=0.2)
+    with pytest.raises(BdiffError, match="needs noise levels"):  # not silently ignored
+        noise_levels(refs, 0.1, "log", eps_max=0, eps_floor=0.01)
     assert noise_levels(refs, 0.1, "log", eps_max=0) is None
     assert noise_levels(refs, 0.1, "linear") is None
     with pytest.raises(BdiffError, match="log fields"):
