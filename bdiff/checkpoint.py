@@ -103,7 +103,7 @@ def validate_meta(meta, tensors):
     need(whole(dim) and dim >= 1, f"dim must be a positive integer, got {dim!r}")
     need(number(meta.get("eps")) and meta["eps"] > 0, f"eps must be a positive number, got {meta.get('eps')!r}")
     need(number(meta.get("log_c")), f"log_c must be a finite number, got {meta.get('log_c')!r}")
-    need(number(meta.get("eps_train", 1.0)) and meta.get("eps_train", 1.0) > 0,
+    need(number(meta.get("eps_train")) and meta["eps_train"] > 0,
          f"eps_train must be a positive number, got {meta.get('eps_train')!r}")
     shape = meta.get("item_shape")
     need(isinstance(shape, list) and shape and all(whole(v) and v >= 1 for v in shape)

@@ -137,6 +137,11 @@ def _chunks(count):
     return [slice(start, min(start + CHUNK_ROWS, count)) for start in range(0, count, CHUNK_ROWS)]
 
 
+def is_image(item_shape):
+    """Items with two or more axes ((H, W) or (C, H, W)) are images: pooled scale, coded pixels."""
+    return len(item_shape) >= 2
+
+
 PIXEL_SQUEEZE = 0.02  # α of the logit coding: the box maps to [logit α, logit (1 - α)]
 
 

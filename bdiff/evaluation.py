@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bdiff.data import fingerprint, load_data
+from bdiff.data import fingerprint, is_image, load_data
 from bdiff.datasets import BUILTINS
 from bdiff.errors import BdiffError
 from bdiff.images import image_metrics, is_digits_shape, pixel_metrics
@@ -78,8 +78,8 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         values, report = model.sample_values(sampling.get("n", DEFAULT_SAMPLES), cfg, on_batch)
     law = builtin.law if builtin is not None else None
     metrics = evaluate(model, heldout, values, train=train_values, law=law, seed=seed)
-    shape = tuple(model.meta.get("item_shape") or [model.dim])
-    if len(shape) >= 2:  # images: the pixel checks a feature-space metric cannot see
+    shape = model.item_shape
+    if is_image(shape):  # images: the pixel checks a feature-space metric cannot see
         metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))

@@ -179,12 +179,23 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
         excludes.append(exclude)
         level_eps.append(torch.full((size,), level, dtype=q.dtype, device=q.device))
     queries, level_eps, excludes = map(torch.cat, (queries, level_eps, excludes))
+    scalar_from = None
+    if model.levels is not None:
+        # only log s needs the leave-one-out target, and it is fitted from ε up: below, the rows
+        # keep their own kernel (the score's target) and skip the exclusion, which costs most
+        # where the own kernel dominates, at the small levels
+        scalar_from = fitted_from(eps)
+        excludes = torch.where(level_eps >= scalar_from, excludes, torch.full_like(excludes, -1))
     with torch.no_grad():  # every level's targets in one reduction, ε per row
         lse, score = field_matching(queries, refs, level_eps, excludes, backend)
         if model.levels is not None:
             score = with_own_kernel(queries, refs, level_eps, excludes, lse, score)
-    return log_regression(model, queries, level_eps, lse - log_c, score, cfg.id_weight,
-                          scalar_from=eps if model.levels is not None else None)
+    return log_regression(model, queries, level_eps, lse - log_c, score, cfg.id_weight, scalar_from)
+
+
+def fitted_from(eps):
+    """The lowest level at which log s is fitted: ε, with room for ε's float32 copies."""
+    return eps * (1 - 1e-6)
 
 
 def with_own_kernel(queries, refs, eps, excludes, lse, score):
@@ -218,7 +229,7 @@ def log_regression(model, queries, level_eps, log_s_hat, score, id_weight, scala
     if scalar_from is None:
         loss_id = (log_s - log_s_hat).pow(2).mean()
     else:
-        keep = (level_eps >= scalar_from * (1 - 1e-6)).to(log_s.dtype)
+        keep = (level_eps >= scalar_from).to(log_s.dtype)
         loss_id = ((log_s - log_s_hat).pow(2) * keep).sum() / keep.sum().clamp_min(1)
     loss_grad = (level_eps * (score_model - score).pow(2).sum(1)).mean()
     return loss_grad + id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
@@ -242,7 +253,7 @@ class ValidationSet:
     MAX_ROWS = 512
 
     def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None):
-        self.scalar_from = None if levels is None else eps
+        self.scalar_from = None if levels is None else fitted_from(eps)
         rows = rows[:self.MAX_ROWS]
         grid = [eps] if levels is None else sorted({eps, *(levels[0] * (levels[1] / levels[0]) ** torch.linspace(
             0, 1, LEVEL_GROUPS, dtype=torch.float64, device="cpu")).tolist()})

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from bdiff.checkpoint import read_checkpoint, split_state
-from bdiff.data import Standardizer
+from bdiff.data import Standardizer, is_image
 from bdiff.density import log_density_std
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
@@ -64,10 +64,15 @@ class TrainedModel:
         """∇log s alone at standardised points (the annealed sampler's only need)."""
         return self.fields_net.score_batched(x_std, eps=self.eps if eps is None else eps)
 
+    @property
+    def item_shape(self):
+        """The shape of one item: (D,), or the image's axes."""
+        return tuple(self.meta.get("item_shape") or [self.dim])
+
     def sample_config(self, **overrides):
         """The measured sampler defaults for this kind of model, overridden where not None."""
         return default_sample_config(self.fields_net.param, self.levels is not None,
-                                     image=len(self.meta.get("item_shape") or [self.dim]) >= 2, **overrides)
+                                     image=is_image(self.item_shape), **overrides)
 
     def sample(self, n, cfg, on_batch=None):
         """n samples in standardised units and the sampler's report."""

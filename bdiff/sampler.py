@@ -119,6 +119,7 @@ class OracleFields:
 class Plan:
     """What every batch of one sampling run shares: the field scale, floor and step size."""
     log_floor: float          # log s at or below this counts as zero (-inf: no floor)
+    end_eps: float            # the level the particles end at (and the Tweedie step's)
     h: float = None           # SDE step
     log_delta: float = None   # precond: log δ (-inf: the Langevin limit)
     offset: int = 0           # index of the batch's first particle (noise streams)
@@ -204,7 +205,7 @@ def run_anneal(fields, x, cfg, plan, generator):
     of x_lo given x_hi and the clean point (DDPM's ancestral step); the plain s ≡ 1 added that
     much noise again and sampled 8 % too wide at 200 levels (NOTES.md). Not to the density's ε:
     samples there carry its N(0, εI) blur, twice the spread of a sharp mode."""
-    ladder = level_ladder(fields.levels, cfg.steps, fields.levels[0])
+    ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
     for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
         score = fields.score(x, hi)
         share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=x.device)
@@ -233,7 +234,7 @@ def run_smc(fields, x, cfg, plan, generator):
     Δ score + sqrt(Δ)ξ the kernel ratio is exp(-Δ‖score‖²/2 - sqrt(Δ) score·ξ). Each level's
     log s is evaluated once, at the step that leaves it."""
     device = x.device
-    ladder = level_ladder(fields.levels, cfg.steps, fields.eps)
+    ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
     log_s, score = fields.log_fields(x, ladder[0])
     start_var = cfg.proposal_std ** 2 + fields.levels[1]
     log_w = (log_s + 0.5 * x.pow(2).sum(1) / start_var).double()  # p_εmax over the start's N(0, start_var)
@@ -256,7 +257,7 @@ def run_smc(fields, x, cfg, plan, generator):
     final_ess = _ess(log_w) / len(x)
     picks = _resample(log_w, generator)
     x, log_s, score = x[picks], log_s[picks], score[picks]
-    x, acceptance = mala(fields, x, log_s, score, cfg.mala_steps, fields.eps, generator)
+    x, acceptance = mala(fields, x, log_s, score, cfg.mala_steps, plan.end_eps, generator)
     return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess,
                "mala_acceptance": acceptance}
 
@@ -303,13 +304,14 @@ SAMPLERS = {
 def _plan(fields, cfg, device):
     log_s_max, g_scale = field_scale(fields, cfg, device)
     log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
+    end_eps = SAMPLERS[cfg.sampler].end_eps(fields)
     if cfg.sampler == "bellman":
-        return Plan(log_floor, h=cfg.step_frac * math.sqrt(fields.eps) / g_scale), log_s_max
+        return Plan(log_floor, end_eps, h=cfg.step_frac * math.sqrt(fields.eps) / g_scale), log_s_max
     if cfg.sampler == "precond":
         # delta_rel = 0: the δ → 0 limit, Langevin dynamics on ∇log s
         log_delta = math.log(cfg.delta_rel) + log_s_max if cfg.delta_rel > 0 else -math.inf
-        return Plan(log_floor, h=cfg.precond_step * fields.eps, log_delta=log_delta), log_s_max
-    return Plan(log_floor), log_s_max
+        return Plan(log_floor, end_eps, h=cfg.precond_step * fields.eps, log_delta=log_delta), log_s_max
+    return Plan(log_floor, end_eps), log_s_max
 
 
 def sample(fields, n, cfg, device="cpu", on_batch=None):
@@ -333,12 +335,11 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
         x = _start(fields, count, cfg, batch_plan, generator, device)
         x, extra = chosen.run(fields, x, cfg, batch_plan, generator)
         if cfg.denoise:
-            end = chosen.end_eps(fields)
-            score = fields.score(x, end)
+            score = fields.score(x, plan.end_eps)
             if plan.log_floor > -math.inf:  # no step where the density counts as zero
                 log_s, _ = fields.log_fields(x)
                 score = torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
-            x = x + end * score
+            x = x + plan.end_eps * score
         batches.append(x)
         extras.append(extra)
         if on_batch is not None:

@@ -14,7 +14,7 @@ import torch
 
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint
+from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_image
 from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import PARAMS, FieldModel, resolve_param
@@ -134,7 +134,7 @@ class Trainer:
         self.cfg, self.source = cfg, source
         values = data if isinstance(data, np.ndarray) else np.asarray(data)
         self.item_shape = tuple(item_shape or values.shape[1:])
-        image = len(self.item_shape) >= 2
+        image = is_image(self.item_shape)
         if cfg.steps is None:
             cfg.steps = IMAGE_STEPS if image else STEPS
         coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
@@ -217,7 +217,7 @@ class Trainer:
                                  "(start a new run with --force instead)")
         self.cfg = dataclasses.replace(stored, **{k: getattr(self.cfg, k) for k in RESUME_OPTIONS})
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
-        self.eps_train = meta.get("eps_train", self.eps)
+        self.eps_train = meta["eps_train"]
         self.eps_scores, self.eps_model_scores = meta.get("eps_search"), meta.get("eps_model_search")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])

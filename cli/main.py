@@ -300,8 +300,7 @@ def sample_command(
     model = _load_model(checkpoint, device)
     cfg = _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend)
     values, report = _draw_samples(model, n, cfg)
-    shape = tuple(model.meta.get("item_shape") or [model.dim])
-    save_array(output, values.reshape(len(values), *shape))
+    save_array(output, values.reshape(len(values), *model.item_shape))
     share = report["low_density_share"]
     say(f"wrote {output}: {n} samples ({_sampler_text(report)}); {share:.2%} ended where s ≈ 0")
 
