@@ -18,8 +18,8 @@ from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_
 from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import PARAMS, FieldModel, resolve_param
-from bdiff.losses import (EPS_RULES, GRAD_LOSSES, ValidationSet, bandwidth, field_loss, heldout_bandwidth,
-                          log_normaliser, noise_levels, split_validation)
+from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth, field_loss,
+                          heldout_bandwidth, log_normaliser, noise_levels, split_validation)
 
 
 VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
@@ -63,6 +63,9 @@ class FitConfig:
     #                              of p_ε; auto: heldout (Silverman oversmooths multimodal data)
     eps_max: float = None        # noise levels up to eps_max for the annealed sampler; None: auto
     #                              (log fields: twice the data's total variance), 0: none
+    level_sampling: str = "auto"  # training levels: "log-uniform" in ε or EDM's "log-normal"; auto:
+    #                              log-normal for image data (digits FD 5.5 -> 3.6), log-uniform
+    #                              otherwise (log-normal worse on 2-D manifolds and tables; NOTES.md)
     eps_floor: float = None      # lowest noise level, where the annealed sampler ends (below the
     #                              density's ε: samples without p_ε's blur); None: 1e-4 or ε if smaller
     query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
@@ -101,6 +104,9 @@ class FitConfig:
             raise BdiffError(f"unknown ε rule {self.eps_rule!r}; choose {', '.join(EPS_RULES)}")
         if self.param not in ("auto",) + PARAMS:
             raise BdiffError(f"unknown --param {self.param!r}; choose auto, {', '.join(PARAMS)}")
+        if self.level_sampling not in ("auto",) + LEVEL_SAMPLINGS:
+            raise BdiffError(f"unknown --level-sampling {self.level_sampling!r}; choose auto, "
+                             f"{', '.join(LEVEL_SAMPLINGS)}")
         if self.arch not in ("auto", "shared", "separate"):
             raise BdiffError(f"unknown arch {self.arch!r}; choose auto, shared or separate")
         if not (self.id_weight > 0 and math.isfinite(self.id_weight)):
@@ -137,6 +143,8 @@ class Trainer:
         image = is_image(self.item_shape)
         if cfg.steps is None:
             cfg.steps = IMAGE_STEPS if image else STEPS
+        if cfg.level_sampling == "auto":
+            cfg.level_sampling = "log-normal" if image else "log-uniform"
         coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
         self.standardizer = Standardizer.fit(values, pooled=image, coding=coding)
         if self.standardizer.constant.all():
@@ -206,12 +214,12 @@ class Trainer:
         if meta.get("fingerprint") != self.fingerprint:
             raise BdiffError(f"{path} was trained on different data ({meta.get('source')}); "
                              "resume needs the same data set")
-        stored = FitConfig.from_dict(meta["config"])
+        stored = FitConfig.from_dict({"level_sampling": "log-uniform", **meta["config"]})  # runs before the option
         for name in given:
             if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
                 continue
             mine, theirs = getattr(self.cfg, name), getattr(stored, name)
-            if mine != theirs and not (name in ("eps_rule", "param", "arch") and mine == "auto"):
+            if mine != theirs and not (name in ("eps_rule", "param", "arch", "level_sampling") and mine == "auto"):
                 raise BdiffError(f"--{name.replace('_', '-')} {mine} differs from the stored run's "
                                  f"{theirs}; --resume continues that run with its own settings "
                                  "(start a new run with --force instead)")

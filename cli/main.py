@@ -121,6 +121,10 @@ def fit(
                                               "so samples follow the data, not p_ε's N(0, εI) "
                                               "blur. Default: 1e-4 (standardised units), or ε if "
                                               "smaller."),
+    level_sampling: str = typer.Option("auto", help="How training draws noise levels (with levels): "
+                                       "log-uniform in ε, log-normal (EDM's, around the data's "
+                                       "scale), or auto (log-normal for image data, else "
+                                       "log-uniform)."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
@@ -155,7 +159,7 @@ def fit(
     check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
-                    eps_max=eps_max, eps_floor=eps_floor, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
+                    eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth, seed=seed,
                     device=device, backend=backend, checkpoint_every=checkpoint_every)
     with output_lock(output):
         if len(loaded.values) >= PREPARE_NOTICE_ROWS:

@@ -5,7 +5,7 @@ import torch
 
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
-from bdiff.losses import noise_levels
+from bdiff.losses import LOG_NORMAL_MEAN, LOG_NORMAL_SD, draw_levels, noise_levels
 from bdiff.model import TrainedModel
 from bdiff.sampler import OracleFields, default_sample_config, sample
 from bdiff.trainer import FitConfig, Trainer
@@ -67,6 +67,36 @@ def test_noise_levels_rule_and_errors():
         noise_levels(refs, 0.1, "linear", eps_max=5.0)
     with pytest.raises(BdiffError, match="twice"):
         noise_levels(refs, 0.1, "log", eps_max=0.15)
+
+
+@pytest.mark.parametrize("levels", [(1e-4, 4.0), (1e-4, 127.7), (0.5, 3.0)])
+def test_drawn_levels_fall_one_in_each_stratum_of_their_law(levels):
+    """Stratified draws: the k-th of n levels lies between the law's k/n and (k+1)/n quantiles,
+    against scipy's truncated normal (log-normal) and plain log-uniform quantiles."""
+    from scipy.stats import truncnorm
+    count, generator = 8, torch.Generator().manual_seed(3)
+    log_range = np.log(levels)
+    law = truncnorm(*(log_range - LOG_NORMAL_MEAN) / LOG_NORMAL_SD, loc=LOG_NORMAL_MEAN, scale=LOG_NORMAL_SD)
+    edges = {"log-uniform": np.linspace(*log_range, count + 1),
+             "log-normal": law.ppf(np.linspace(0, 1, count + 1))}
+    for sampling, bounds in edges.items():
+        for _ in range(20):
+            drawn = np.log(draw_levels(count, levels, sampling, generator))
+            assert np.all(drawn >= bounds[:-1] - 1e-9) and np.all(drawn <= bounds[1:] + 1e-9)
+    # the log-normal law centres training on the data's scale: most levels between 0.03 and 4
+    many = np.concatenate([draw_levels(count, (1e-4, 127.7), "log-normal", generator) for _ in range(200)])
+    assert 0.6 < np.mean((many > 0.03) & (many < 4)) < 0.75
+
+
+def test_level_sampling_defaults_to_log_normal_for_images_only():
+    images = np.random.default_rng(0).integers(0, 17, size=(60, 16)).astype(np.float32)  # 4×4 images
+    table = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    assert Trainer(images, FitConfig(steps=1, width=8), "images", (4, 4)).cfg.level_sampling == "log-normal"
+    assert Trainer(table, FitConfig(steps=1, width=8)).cfg.level_sampling == "log-uniform"
+    chosen = Trainer(images, FitConfig(steps=1, width=8, level_sampling="log-uniform"), "images", (4, 4))
+    assert chosen.cfg.level_sampling == "log-uniform"
+    with pytest.raises(BdiffError, match="unknown --level-sampling"):
+        FitConfig(level_sampling="cubic").validate()
 
 
 def test_level_model_contract():
