@@ -143,7 +143,8 @@ class Trainer:
         image = is_image(self.item_shape)
         if cfg.steps is None:
             cfg.steps = IMAGE_STEPS if image else STEPS
-        if cfg.level_sampling == "auto":
+        level_sampling_given = cfg.level_sampling != "auto"
+        if not level_sampling_given:
             cfg.level_sampling = "log-normal" if image else "log-uniform"
         coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
         self.standardizer = Standardizer.fit(values, pooled=image, coding=coding)
@@ -174,6 +175,9 @@ class Trainer:
         else:
             self.eps = bandwidth(len(values), self.dim, cfg.eps_rule)
         self.levels = noise_levels(self.refs, self.eps, cfg.param, cfg.eps_max, cfg.eps_floor)
+        if self.levels is None and level_sampling_given:
+            raise BdiffError("--level-sampling chooses how training draws noise levels; it needs "
+                             "noise levels (log fields, --eps-max not 0)")
         self.eps_train = self.eps  # the targets' ε; choose_eps may move the density's ε up from it
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
