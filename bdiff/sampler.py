@@ -193,9 +193,17 @@ def run_sde(fields, x, cfg, plan, generator):
     return x, {}
 
 
+LADDER_RHO = 3  # Karras et al. (2022)'s ρ; ρ → ∞ is the geometric ladder
+
+
 def level_ladder(levels, steps, eps):
-    """A geometric ladder of `steps` + 1 noise levels from ε_max down to ε."""
-    return torch.logspace(math.log10(levels[1]), math.log10(eps), steps + 1, dtype=torch.float64).tolist()
+    """`steps` + 1 noise levels from ε_max down to ε, evenly spaced in σ^(1/ρ) (σ = sqrt(ε)).
+    Against the geometric ladder it spends more of its steps at the broad levels, where the
+    particles split between modes: mode-weight errors (10 000 samples, 3-6 seeds, the same
+    models) 0.0081 → 0.0052 on the built-in mixture, 0.0128 → 0.0105 on the checkerboard,
+    0.0074 → 0.0054 on the 5-D mixture; digits FD 3.57 → 3.43 (NOTES.md)."""
+    top, bottom = (math.sqrt(level) ** (1 / LADDER_RHO) for level in (levels[1], eps))
+    return [(top + i / steps * (bottom - top)) ** (2 * LADDER_RHO) for i in range(steps + 1)]
 
 
 def run_anneal(fields, x, cfg, plan, generator):
