@@ -159,9 +159,11 @@ class PixelCoding:
 
     @classmethod
     def fit(cls, values):
-        low = min(float(values[rows].min()) for rows in _chunks(len(values)))
-        high = max(float(values[rows].max()) for rows in _chunks(len(values)))
-        integer = all(np.array_equal(values[rows], np.floor(values[rows])) for rows in _chunks(len(values)))
+        low, high, integer = math.inf, -math.inf, True
+        for rows in _chunks(len(values)):  # one pass: the values may be a memory-mapped file
+            part = values[rows]
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+            integer = integer and np.array_equal(part, np.floor(part))
         if not (math.isfinite(low) and math.isfinite(high) and high > low):
             raise BdiffError("image data need at least two distinct finite pixel values")
         return cls(low, high, integer)
@@ -203,14 +205,22 @@ DISCRETE_PROBE_ROWS = 100_000  # rows looked at first, so long continuous column
 
 def discrete_columns(values):
     """{column: its sorted distinct values} for the columns with 2..DISCRETE_MAX_VALUES of them."""
-    found = {}
+    probe = values[:DISCRETE_PROBE_ROWS]
+    candidates = {}
     for column in range(values.shape[1]):
-        if len(np.unique(values[:DISCRETE_PROBE_ROWS, column])) > DISCRETE_MAX_VALUES:
-            continue
-        distinct = np.unique(np.concatenate([np.unique(values[rows, column]) for rows in _chunks(len(values))]))
-        if 2 <= len(distinct) <= DISCRETE_MAX_VALUES:
-            found[column] = distinct.astype(np.float64)
-    return found
+        distinct = np.unique(probe[:, column])
+        if len(distinct) <= DISCRETE_MAX_VALUES:
+            candidates[column] = distinct
+    # one pass over the remaining rows, reading them only while some column is still in question
+    for start in range(DISCRETE_PROBE_ROWS, len(values) if candidates else 0, CHUNK_ROWS):
+        part = values[start:start + CHUNK_ROWS]
+        for column in list(candidates):
+            candidates[column] = np.union1d(candidates[column], part[:, column])
+            if len(candidates[column]) > DISCRETE_MAX_VALUES:
+                del candidates[column]
+        if not candidates:
+            break
+    return {column: distinct.astype(np.float64) for column, distinct in candidates.items() if len(distinct) >= 2}
 
 
 @dataclass
@@ -236,9 +246,9 @@ class Standardizer:
         squares = sum(((coded(rows) - mean) ** 2).sum(0) for rows in _chunks(len(values)))
         std = np.sqrt(squares / len(values))
         # judged in data units: a coded constant column can carry a rounding-level spread
-        low = np.min([values[rows].min(0) for rows in _chunks(len(values))], 0)
-        high = np.max([values[rows].max(0) for rows in _chunks(len(values))], 0)
-        constant = low == high
+        parts = (values[rows] for rows in _chunks(len(values)))
+        lows, highs = zip(*((part.min(0), part.max(0)) for part in parts))  # one read of each chunk
+        constant = np.min(lows, 0) == np.max(highs, 0)
         std = np.where(constant, 0.0, std)
         if pooled:
             std = np.full_like(std, np.sqrt(squares.sum() / (len(values) * squares.size)))

@@ -124,5 +124,4 @@ class FieldModel(nn.Module):
         """∇log s alone, without autograd, in batches."""
         if self.param != "log":
             return self.fields_batched(x, batch_size, log=True, eps=eps)[1]
-        return torch.cat([self.raw(x[i:i + batch_size], eps, score_only=True)[1]
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat([self.raw(part, eps, score_only=True)[1] for part in x.split(batch_size)])
