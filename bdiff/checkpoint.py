@@ -84,6 +84,7 @@ class MetaError(ValueError):
 
 
 ARCHS, PARAMS = ("shared", "separate"), ("linear", "log")
+MAX_FOURIER = 4096
 
 
 def validate_meta(meta, tensors):
@@ -145,6 +146,9 @@ def validate_meta(meta, tensors):
         need(whole(config.get(key)) and config[key] >= 1, f"{key} must be a positive integer, "
              f"got {config.get(key)!r}")
     need(whole(meta.get("step")) and meta["step"] >= 0, "step must be a non-negative integer")
+    fourier = config.get("fourier", 0)  # checkpoints from before the option have none
+    need(whole(fourier) and 0 <= fourier <= MAX_FOURIER,
+         f"fourier must be an integer in [0, {MAX_FOURIER}], got {fourier!r}")
     _check_network_shapes(config, dim, levels, tensors, need)
 
 
@@ -152,10 +156,13 @@ def _check_network_shapes(config, dim, levels, tensors, need):
     """The EMA network's tensor shapes must be exactly those of the stored width and depth:
     computed from the numbers, so a forged width or depth allocates nothing."""
     from bdiff.fields import LEVEL_FEATURES
-    size_in = dim + (LEVEL_FEATURES if levels else 0)
+    fourier = config.get("fourier", 0)
+    size_in = dim + (LEVEL_FEATURES if levels else 0) + 2 * fourier
     width, depth = config["width"], config["depth"]
     heads = {"net": 1 + dim} if config["arch"] == "shared" else {"scalar_net": 1, "gradient_net": dim}
     stored = {k[4:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("ema.")}
+    need(stored.pop("frequencies", None) == ((dim, fourier) if fourier else None),
+         f"the stored Fourier frequencies do not match fourier {fourier}")
     need(len(stored) == 2 * (depth + 1) * len(heads), f"depth {depth} does not match the stored network")
     for head, size_out in heads.items():
         sizes = [size_in] + [width] * depth + [size_out]

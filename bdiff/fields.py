@@ -26,6 +26,17 @@ def level_features(eps, levels):
     return torch.cat([torch.sin(u[:, None] * k), torch.cos(u[:, None] * k)], 1)
 
 
+def fourier_frequencies(dim, count, reach, seed):
+    """`count` random directions with lengths log-uniform from 1/2 to `reach` radians per unit
+    of the standardised input: sin/cos features that let an MLP follow detail as fine as
+    1/reach, which its smooth activations alone blur (spectral bias; Tancik et al. 2020)."""
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU, the same on every device;
+    direction = torch.randn(dim, count, generator=generator, dtype=torch.float64, device="cpu")  # moved
+    length = 0.5 * (2 * max(reach, 0.5)) ** torch.rand(count, generator=generator, dtype=torch.float64,
+                                                        device="cpu")  # with the model
+    return (direction / direction.norm(dim=0) * length).float()
+
+
 def log_view(s, g):
     """(log s, ∇log s = g/s) of linear fields; -inf and 0 where s is not positive."""
     positive = s > 0
@@ -63,13 +74,17 @@ class FieldModel(nn.Module):
     the tiny levels where a denoiser must keep x almost as it is stay learnable.
     """
 
-    def __init__(self, dim, width=256, depth=3, arch="shared", param="linear", levels=None):
+    def __init__(self, dim, width=256, depth=3, arch="shared", param="linear", levels=None,
+                 fourier=0, fourier_reach=1.0, seed=0):
         super().__init__()
         self.dim, self.arch, self.param = dim, arch, resolve_param(param)
         self.levels = None if levels is None else (float(levels[0]), float(levels[1]))
         if self.levels is not None and (self.param != "log" or not 0 < self.levels[0] < self.levels[1]):
             raise ValueError(f"levels need log fields and 0 < ε_min < ε_max, got {levels}")
-        size_in = dim + (LEVEL_FEATURES if self.levels else 0)
+        self.fourier = fourier
+        if fourier:
+            self.register_buffer("frequencies", fourier_frequencies(dim, fourier, fourier_reach, seed))
+        size_in = dim + (LEVEL_FEATURES if self.levels else 0) + 2 * fourier
         if arch == "shared":
             self.net = mlp(size_in, 1 + dim, width, depth)
         elif arch == "separate":
@@ -84,12 +99,17 @@ class FieldModel(nn.Module):
         fields from two networks skip the scalar one (a is then None): annealing needs the
         score alone, and the scalar network was half its time."""
         if self.levels is not None:
-            eps = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
-            eps = eps.expand(x.shape[0])
+            level = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
+            eps = level.expand(x.shape[0])
             spread = (1 + eps).unsqueeze(1)  # p_ε's variance per dimension for standardised data
-            inputs = torch.cat([x / spread.sqrt(), level_features(eps, self.levels)], 1)
+            inputs = [x / spread.sqrt(), level_features(eps, self.levels)]
         else:
-            inputs = x
+            inputs = [x]
+        if self.fourier:
+            # a batch at one level (the samplers') is damped once, not once per row
+            blur = None if self.levels is None else (level / (1 + level)).reshape(-1)
+            inputs += self._fourier_features(inputs[0], blur)
+        inputs = torch.cat(inputs, 1)
         if self.arch == "shared":
             out = self.net(inputs)
             a, b = out[:, 0], out[:, 1:]
@@ -99,6 +119,17 @@ class FieldModel(nn.Module):
         if self.levels is not None:
             b = b / (spread * eps.unsqueeze(1)).sqrt() - x / spread
         return a, b
+
+    def _fourier_features(self, x, blur=None):
+        """sin and cos of w·x; at a noise level, each damped by exp(-|w|² blur / 2): the
+        Gaussian blur of variance `blur` (the level's, in the scaled input) turns a sinusoid into
+        itself times that factor, so a broad level gets no detail its p_ε cannot have."""
+        phase = x @ self.frequencies
+        features = [torch.sin(phase), torch.cos(phase)]
+        if blur is not None:
+            damp = torch.exp(-0.5 * self.frequencies.pow(2).sum(0) * blur.unsqueeze(1))
+            features = [f * damp for f in features]
+        return features
 
     def forward(self, x, eps=None):
         a, b = self.raw(x, eps)

@@ -31,7 +31,7 @@ class TrainedModel:
         cfg = meta["config"]
         try:
             net = FieldModel(meta["dim"], cfg["width"], cfg["depth"], cfg["arch"], cfg.get("param", "linear"),
-                             meta.get("levels"))
+                             meta.get("levels"), cfg.get("fourier", 0))
             net.load_state_dict(split_state(tensors, "ema"))
             standardizer = Standardizer.from_dict(meta["standardizer"])
             eps, log_c = float(meta["eps"]), float(meta["log_c"])

@@ -125,6 +125,11 @@ def fit(
                                        "log-uniform in ε, log-normal (EDM's, around the data's "
                                        "scale), or auto (log-normal for image data, else "
                                        "log-uniform)."),
+    fourier: Optional[int] = typer.Option(None, help="Random Fourier features of the input (sin and "
+                                          "cos of this many random frequencies, up to 2/sqrt(ε)): "
+                                          "the fields follow sharp edges and thin supports. 0: "
+                                          "plain input. Default: 32 for tables with noise levels, "
+                                          "else 0."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
@@ -159,7 +164,7 @@ def fit(
     check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
-                    eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling,
+                    eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, fourier=fourier,
                     pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth,
                     seed=seed, device=device, backend=backend, checkpoint_every=checkpoint_every)
     with output_lock(output):

@@ -107,6 +107,8 @@ def _edit(meta, path, value):
     (("levels",), [1.0, 0.5], "levels"), (("levels",), [1.0], "levels"),
     (("dim",), 0, "dim"), (("config", "width"), 40000, "width"), (("config", "depth"), 100_000_000, "depth"),
     (("config", "depth"), -1, "depth"), (("config", "arch"), "tower", "arch"),
+    (("config", "fourier"), -3, "ourier"), (("config", "fourier"), 10**9, "ourier"),
+    (("config", "fourier"), 7, "ourier"), (("config", "fourier"), 0, "ourier"),
 ])
 def test_bad_metadata_is_refused_before_anything_is_allocated(tmp_path, tiny_checkpoint, path, value, message):
     _, meta = read_checkpoint(tiny_checkpoint)

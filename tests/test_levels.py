@@ -8,7 +8,7 @@ from bdiff.fields import FieldModel
 from bdiff.losses import LOG_NORMAL_MEAN, LOG_NORMAL_SD, draw_levels, noise_levels
 from bdiff.model import TrainedModel
 from bdiff.sampler import LADDER_RHO, OracleFields, default_sample_config, level_ladder, sample
-from bdiff.trainer import FitConfig, Trainer
+from bdiff.trainer import FOURIER_FEATURES, FOURIER_REACH, FitConfig, Trainer
 
 
 def _two_clusters(dim=16, n=2000, small=0.2, seed=0):
@@ -140,6 +140,44 @@ def test_level_model_contract():
         FieldModel(5, 16, 2, param="log", levels=(1.0, 0.5))
 
 
+def test_fourier_features_at_a_level_are_those_of_the_blurred_input():
+    """At level ε the features are E[sin, cos(w·(u + n))] with n ~ N(0, ε/(1 + ε) I) on the
+    scaled input u = x / sqrt(1 + ε): a broad level carries none of the detail its p_ε lacks."""
+    model = FieldModel(3, 16, 2, arch="separate", param="log", levels=(1e-3, 10.0), fourier=6,
+                       fourier_reach=12.0).double()
+    lengths = model.frequencies.norm(dim=0)
+    assert model.frequencies.shape == (3, 6) and torch.all((lengths > 0.5 - 1e-6) & (lengths < 12 + 1e-5))
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    for eps in (1e-3, 0.05, 1.0):
+        blur = eps / (1 + eps)
+        features = torch.cat(model._fourier_features(u, torch.full((5,), blur, dtype=torch.float64)), 1)
+        noise = torch.randn(200_000, 1, 3, generator=g, dtype=torch.float64) * blur ** 0.5
+        phase = (u + noise) @ model.frequencies
+        expected = torch.cat([torch.sin(phase).mean(0), torch.cos(phase).mean(0)], 1)
+        assert torch.allclose(features, expected, atol=0.01), eps
+    # the same seed draws the same frequencies; without levels the features are undamped
+    assert torch.equal(FieldModel(3, 8, 1, fourier=6, fourier_reach=12.0).frequencies, model.frequencies.float())
+    plain = FieldModel(3, 8, 1, param="log", fourier=6, fourier_reach=12.0)
+    phase = u.float() @ plain.frequencies
+    assert torch.equal(torch.cat(plain._fourier_features(u.float()), 1), torch.cat([phase.sin(), phase.cos()], 1))
+
+
+def test_fourier_features_default_to_tables_with_noise_levels():
+    images = np.random.default_rng(0).integers(0, 17, size=(60, 16)).astype(np.float32)  # 4×4 images
+    table = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    assert Trainer(table, FitConfig(steps=1, width=8)).cfg.fourier == FOURIER_FEATURES
+    assert Trainer(images, FitConfig(steps=1, width=8), "images", (4, 4)).cfg.fourier == 0
+    assert Trainer(table, FitConfig(steps=1, width=8, eps_max=0)).cfg.fourier == 0  # no levels
+    chosen = Trainer(table, FitConfig(steps=1, width=8, fourier=5))
+    assert chosen.cfg.fourier == 5 and chosen.model.frequencies.shape == (2, 5)
+    # reach: 2/sqrt(ε) radians per standardised unit, detail down to half p_ε's kernel width
+    assert float(chosen.model.frequencies.norm(dim=0).max()) <= FOURIER_REACH / chosen.eps_train ** 0.5 + 1e-4
+    for bad in (-1, 1.5, 10**6):
+        with pytest.raises(BdiffError, match="--fourier"):
+            FitConfig(fourier=bad).validate()
+
+
 def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
     """A short level-conditioned fit in 16-D: the annealed samples keep the 80/20 split and the
     cluster shape, and save→load gives identical fields at every level."""
@@ -148,6 +186,7 @@ def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
     trainer = Trainer(data, FitConfig(steps=500, width=96, depth=2, batch_size=512), "clusters")
     assert trainer.cfg.param == "log" and trainer.levels is not None
     assert trainer.cfg.arch == "separate" and trainer.cfg.eps_rule == "heldout"
+    assert trainer.cfg.fourier == FOURIER_FEATURES
     trainer.run(str(path))
     model = TrainedModel.load(path)
     assert model.levels == pytest.approx(trainer.levels)
