@@ -14,8 +14,8 @@ the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg
 - anneal: down a ladder of noise levels from the broad p_εmax to ε_min, below the density's ε,
   then one denoising step: samples of the data, not of p_ε's blur.
 - smc: the same ladder as a sequential Monte Carlo sampler, weighted with the learned log s
-  at consecutive levels, resampled when the effective sample size drops, then Metropolis-
-  adjusted Langevin moves at ε that accept with the learned density.
+  at consecutive levels down to the density's ε and resampled when the effective sample size
+  drops, then annealed on to ε_min like anneal.
 """
 import dataclasses
 import math
@@ -42,7 +42,6 @@ class SampleConfig:
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
     denoise: bool = False     # end with x + ε ∇log s at the last level (Tweedie): removes its N(0, εI) blur
-    mala_steps: int = 10      # smc: Metropolis-adjusted moves at ε after the last resampling
     ess_frac: float = 0.5     # smc: resample when the effective sample size falls below this share
     batch_size: int = 10_000
     seed: int = 0
@@ -236,18 +235,22 @@ def _ess(log_w):
 
 
 def run_smc(fields, x, cfg, plan, generator):
-    """Annealing as an SMC sampler (docs/design.md §3.2). Moving x → x' from level hi to lo with
-    the annealing proposal q(x'|x) = N(x + Δ∇log p_hi(x), ΔI) and the backward kernel
-    N(x; x', ΔI) gives the weight p_lo(x') N(x; x', Δ) / (p_hi(x) q(x'|x)); with x' - x =
-    Δ score + sqrt(Δ)ξ the kernel ratio is exp(-Δ‖score‖²/2 - sqrt(Δ) score·ξ). Each level's
-    log s is evaluated once, at the step that leaves it."""
+    """Annealing as an SMC sampler (docs/design.md §3.2), down the anneal's own ladder. From
+    level hi to lo the particles take the anneal's step, the proposal q(x'|x) =
+    N(x + Δ∇log p_hi(x), Δ lo/hi I); the backward kernel is the noising N(x; x', ΔI), so each
+    move is weighted by p_lo(x') N(x; x', Δ) / (p_hi(x) q(x'|x)) with the learned log s, and
+    resampled when the effective sample size drops. log s is fitted from the density's ε up,
+    so the weights stop there (after a last resampling) and the particles anneal on, unweighted,
+    to ε_min: the mass between modes is corrected at the broad levels where it is decided,
+    and the samples stay as sharp as annealing's."""
     device = x.device
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
+    weighted = sum(level >= fields.eps * (1 - 1e-6) for level in ladder)  # levels where log s holds
     log_s, score = fields.log_fields(x, ladder[0])
     start_var = cfg.proposal_std ** 2 + fields.levels[1]
     log_w = (log_s + 0.5 * x.pow(2).sum(1) / start_var).double()  # p_εmax over the start's N(0, start_var)
     resamples, min_ess = 0, 1.0
-    for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
+    for step, (hi, lo) in enumerate(zip(ladder[:weighted], ladder[1:weighted])):
         ess = _ess(log_w) / len(x)
         min_ess = min(min_ess, ess)
         if ess < cfg.ess_frac:
@@ -256,39 +259,19 @@ def run_smc(fields, x, cfg, plan, generator):
             log_w = torch.zeros_like(log_w)
             resamples += 1
         delta = hi - lo
-        noise = draw(torch.randn, x.shape, generator=generator, device=device)
-        log_w = log_w + (-0.5 * delta * score.pow(2).sum(1) - math.sqrt(delta) * (score * noise).sum(1)
-                         - log_s).double()
-        x = x + delta * score + math.sqrt(delta) * noise
-        log_s, score = fields.log_fields(x, lo)
-        log_w = log_w + log_s.double()
+        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=device)
+        moved = sde_step(x, share, score, delta, cfg.seed, step, plan.offset, None, cfg.backend)
+        proposal_gap = (moved - x - delta * score).pow(2).sum(1) / (2 * delta * lo / hi)
+        log_s_new, score = fields.log_fields(moved, lo)
+        log_w = log_w + (log_s_new - log_s - (moved - x).pow(2).sum(1) / (2 * delta) + proposal_gap).double()
+        x, log_s = moved, log_s_new
     final_ess = _ess(log_w) / len(x)
-    picks = _resample(log_w, generator)
-    x, log_s, score = x[picks], log_s[picks], score[picks]
-    x, acceptance = mala(fields, x, log_s, score, cfg.mala_steps, plan.end_eps, generator)
-    return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess,
-               "mala_acceptance": acceptance}
-
-
-def mala(fields, x, log_s, score, steps, eps, generator, step_frac=0.5):
-    """Metropolis-adjusted Langevin moves targeting s at ε: the proposal uses the learned score,
-    the acceptance the learned log s, so a score that disagrees with log s only lowers the
-    acceptance rate. Returns x and the mean acceptance rate."""
-    h = step_frac * eps
-    accepted = 0.0
-    for _ in range(steps):
-        noise = draw(torch.randn, x.shape, generator=generator, device=x.device)
-        proposal = x + h * score + math.sqrt(2 * h) * noise
-        log_s_new, score_new = fields.log_fields(proposal, eps)
-        forward = (proposal - x - h * score).pow(2).sum(1)
-        backward = (x - proposal - h * score_new).pow(2).sum(1)
-        log_ratio = log_s_new - log_s + (forward - backward) / (4 * h)
-        accept = draw(torch.rand, len(x), generator=generator, device=x.device).log() < log_ratio
-        x = torch.where(accept.unsqueeze(1), proposal, x)
-        log_s = torch.where(accept, log_s_new, log_s)
-        score = torch.where(accept.unsqueeze(1), score_new, score)
-        accepted += float(accept.float().mean())
-    return x, accepted / steps if steps else None
+    x = x[_resample(log_w, generator)]
+    for step in range(max(weighted - 1, 0), len(ladder) - 1):
+        hi, lo = ladder[step], ladder[step + 1]
+        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=device)
+        x = sde_step(x, share, fields.score(x, hi), hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
+    return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess}
 
 
 @dataclass(frozen=True)
@@ -305,7 +288,7 @@ SAMPLERS = {
     "bellman": Sampler(run_sde),
     "precond": Sampler(run_sde),
     "anneal": Sampler(run_anneal, needs_levels=True, ends_at_floor=True),
-    "smc": Sampler(run_smc, needs_levels=True),  # MALA needs log s, fitted from the density's ε up
+    "smc": Sampler(run_smc, needs_levels=True, ends_at_floor=True),
 }
 
 

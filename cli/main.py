@@ -271,7 +271,7 @@ def sample_command(
     sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
                                           "(preconditioned SDE), anneal (down the noise levels) or "
                                           "smc (annealing weighted and resampled with the learned "
-                                          "density, then Metropolis-adjusted Langevin steps). "
+                                          "density down to its ε, then annealed on). "
                                           "Default: anneal for models with noise levels (all fits "
                                           "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
@@ -322,8 +322,6 @@ def _sampler_text(report):
         text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
     if report.get("final_ess") is not None:
         text += f", final ESS {report['final_ess']:.0%}, {report['resamples']:.0f} resamples"
-    if report.get("mala_acceptance") is not None:
-        text += f", MALA acceptance {report['mala_acceptance']:.0%}"
     return text
 
 

@@ -1,4 +1,6 @@
 """The samplers against the oracle fields, whose stationary law (data + N(0, εI)) is known."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,20 @@ def test_levelled_samplers_refuse_a_model_without_levels():
     refs = _gaussian_refs(200)
     with pytest.raises(BdiffError, match="noise levels"):
         sample(OracleFields(refs, 0.1), 10, SampleConfig(sampler="smc", init="gaussian"))
+
+
+def test_smc_weights_are_constant_where_its_proposal_is_the_exact_reverse_step():
+    """For one data point, p_ε = N(y, εI) at every level and the anneal's step (mean x + Δ∇log
+    p_hi, variance Δ lo/hi) is the exact posterior of the noising step: every move's weight is
+    the same, so the only weights left are the start's, p_εmax = N(y, aI) over the start's
+    N(0, bI) (a = 4, b = 5), whose effective sample size is (sqrt(a(2b - a))/b)^D
+    exp(-|y|²/(2b - a)). A weight with the wrong kernel variance or sign loses most of it.
+    The particles end sharp at ε_min."""
+    y = torch.tensor([[0.3, -0.2]])
+    fields = OracleFields(y, 0.01, levels=(1e-4, 4.0))
+    x, report = sample(fields, 4000, SampleConfig(sampler="smc", init="gaussian", steps=60, denoise=False))
+    a, b = 4.0, 5.0
+    start_ess = (math.sqrt(a * (2 * b - a)) / b) ** 2 * math.exp(-float(y.pow(2).sum()) / (2 * b - a))
+    assert report["final_ess"] == pytest.approx(start_ess, abs=0.01)  # 0.939
+    assert report["resamples"] == 0
+    assert float((x - y).pow(2).sum(1).mean()) == pytest.approx(2 * 1e-4, rel=0.15)  # N(y, ε_min I)
