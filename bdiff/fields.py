@@ -30,10 +30,12 @@ def fourier_frequencies(dim, count, reach, seed):
     """`count` random directions with lengths log-uniform from 1/2 to `reach` radians per unit
     of the standardised input: sin/cos features that let an MLP follow detail as fine as
     1/reach, which its smooth activations alone blur (spectral bias; Tancik et al. 2020)."""
-    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU, the same on every device;
-    direction = torch.randn(dim, count, generator=generator, dtype=torch.float64, device="cpu")  # moved
-    length = 0.5 * (2 * max(reach, 0.5)) ** torch.rand(count, generator=generator, dtype=torch.float64,
-                                                        device="cpu")  # with the model
+    # drawn on the CPU, so the same seed gives the same frequencies on every device; the buffer
+    # moves with the model
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(dim, count, generator=generator, dtype=torch.float64, device="cpu")
+    exponent = torch.rand(count, generator=generator, dtype=torch.float64, device="cpu")
+    length = 0.5 * (2 * max(reach, 0.5)) ** exponent
     return (direction / direction.norm(dim=0) * length).float()
 
 

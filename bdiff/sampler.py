@@ -25,6 +25,7 @@ import torch
 
 from bdiff.backend import check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step
 from bdiff.errors import BdiffError
+from bdiff.losses import fitted_from
 
 INITS = ("importance", "gaussian")
 
@@ -213,11 +214,20 @@ def run_anneal(fields, x, cfg, plan, generator):
     much noise again and sampled 8 % too wide at 200 levels (NOTES.md). Not to the density's ε:
     samples there carry its N(0, εI) blur, twice the spread of a sharp mode."""
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
-    for step, (hi, lo) in enumerate(zip(ladder, ladder[1:])):
-        score = fields.score(x, hi)
-        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=x.device)
-        x = sde_step(x, share, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
-    return x, {}
+    return _anneal_down(fields, x, ladder, 0, cfg, plan), {}
+
+
+def _anneal_down(fields, x, ladder, first, cfg, plan):
+    """The anneal's steps from ladder[first] to the ladder's end."""
+    for step in range(first, len(ladder) - 1):
+        x = _ancestral_step(x, fields.score(x, ladder[step]), ladder[step], ladder[step + 1], cfg, plan, step)
+    return x
+
+
+def _ancestral_step(x, score, hi, lo, cfg, plan, step):
+    """x + (hi - lo) score + sqrt((hi - lo) lo/hi) ξ, ξ from the (seed, step, particle) stream."""
+    share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=x.device)
+    return sde_step(x, share, score, hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
 
 
 def _resample(log_w, generator):
@@ -243,9 +253,8 @@ def run_smc(fields, x, cfg, plan, generator):
     so the weights stop there (after a last resampling) and the particles anneal on, unweighted,
     to ε_min: the mass between modes is corrected at the broad levels where it is decided,
     and the samples stay as sharp as annealing's."""
-    device = x.device
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
-    weighted = sum(level >= fields.eps * (1 - 1e-6) for level in ladder)  # levels where log s holds
+    weighted = sum(level >= fitted_from(fields.eps) for level in ladder)  # the levels log s is fitted at
     log_s, score = fields.log_fields(x, ladder[0])
     start_var = cfg.proposal_std ** 2 + fields.levels[1]
     log_w = (log_s + 0.5 * x.pow(2).sum(1) / start_var).double()  # p_εmax over the start's N(0, start_var)
@@ -259,18 +268,13 @@ def run_smc(fields, x, cfg, plan, generator):
             log_w = torch.zeros_like(log_w)
             resamples += 1
         delta = hi - lo
-        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=device)
-        moved = sde_step(x, share, score, delta, cfg.seed, step, plan.offset, None, cfg.backend)
+        moved = _ancestral_step(x, score, hi, lo, cfg, plan, step)
         proposal_gap = (moved - x - delta * score).pow(2).sum(1) / (2 * delta * lo / hi)
         log_s_new, score = fields.log_fields(moved, lo)
         log_w = log_w + (log_s_new - log_s - (moved - x).pow(2).sum(1) / (2 * delta) + proposal_gap).double()
         x, log_s = moved, log_s_new
     final_ess = _ess(log_w) / len(x)
-    x = x[_resample(log_w, generator)]
-    for step in range(max(weighted - 1, 0), len(ladder) - 1):
-        hi, lo = ladder[step], ladder[step + 1]
-        share = torch.full((x.shape[0],), lo / hi, dtype=x.dtype, device=device)
-        x = sde_step(x, share, fields.score(x, hi), hi - lo, cfg.seed, step, plan.offset, None, cfg.backend)
+    x = _anneal_down(fields, x[_resample(log_w, generator)], ladder, weighted - 1, cfg, plan)
     return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess}
 
 
