@@ -177,7 +177,8 @@ def fit(
                 raise BdiffError(f"{output} already has {trainer.step} steps; ask for more with --steps")
         tell(f"fitting {loaded.source}: {len(loaded.values)} points, D={trainer.dim}, "
              f"ε={trainer.eps:.4g} ({'given' if trainer.cfg.eps is not None else trainer.cfg.eps_rule}), "
-             f"{trainer.cfg.param} fields{_levels_text(trainer.levels)}, log C={trainer.log_c:.3f}, "
+             f"{trainer.cfg.param} fields{_levels_text(trainer.levels)}{_fourier_text(trainer.cfg.fourier)}, "
+             f"log C={trainer.log_c:.3f}, "
              f"batch {trainer.cfg.batch_size}, from step {trainer.step}")
         if trainer.constant_columns:
             tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant; "
@@ -241,6 +242,10 @@ class _PlainProgress:
 
 def _levels_text(levels):
     return "" if levels is None else f" at noise levels {levels[0]:.4g}..{levels[1]:.4g}"
+
+
+def _fourier_text(count):
+    return f" with {count} Fourier features" if count else ""
 
 
 def _sample_config(model, sampler, init, steps, denoise, seed, batch_size, backend):
