@@ -84,7 +84,6 @@ class MetaError(ValueError):
 
 
 ARCHS, PARAMS = ("shared", "separate"), ("linear", "log")
-MAX_FOURIER = 4096
 
 
 def validate_meta(meta, tensors):
@@ -146,6 +145,7 @@ def validate_meta(meta, tensors):
         need(whole(config.get(key)) and config[key] >= 1, f"{key} must be a positive integer, "
              f"got {config.get(key)!r}")
     need(whole(meta.get("step")) and meta["step"] >= 0, "step must be a non-negative integer")
+    from bdiff.fields import MAX_FOURIER
     fourier = config.get("fourier", 0)  # checkpoints from before the option have none
     need(whole(fourier) and 0 <= fourier <= MAX_FOURIER,
          f"fourier must be an integer in [0, {MAX_FOURIER}], got {fourier!r}")

@@ -16,6 +16,7 @@ def mlp(dim_in, dim_out, width, depth):
 
 PARAMS = ("linear", "log")
 LEVEL_FEATURES = 16  # sinusoidal features of the noise level fed to level-conditioned fields
+MAX_FOURIER = 4096  # most random Fourier frequencies of the input (a checkpoint's bound too)
 
 
 def level_features(eps, levels):

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from bdiff.backend import check_device, check_memory, check_seed
-from bdiff.checkpoint import MAX_FOURIER, optimizer_state, read_checkpoint, save_checkpoint, split_state
+from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_image
 from bdiff.density import reliable, select_eps
 from bdiff.errors import BdiffError
-from bdiff.fields import PARAMS, FieldModel, resolve_param
+from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth, field_loss,
                           heldout_bandwidth, log_normaliser, noise_levels, split_validation)
 

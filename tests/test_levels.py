@@ -103,9 +103,14 @@ def test_drawn_levels_fall_one_in_each_stratum_of_their_law(levels):
     assert 0.6 < np.mean((many > 0.03) & (many < 4)) < 0.75
 
 
+def _images_and_table():
+    """60 integer 4×4 images and a 60-row 2-D table."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 17, size=(60, 16)).astype(np.float32), rng.normal(size=(60, 2)).astype(np.float32)
+
+
 def test_level_sampling_defaults_to_log_normal_for_images_only():
-    images = np.random.default_rng(0).integers(0, 17, size=(60, 16)).astype(np.float32)  # 4×4 images
-    table = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    images, table = _images_and_table()
     assert Trainer(images, FitConfig(steps=1, width=8), "images", (4, 4)).cfg.level_sampling == "log-normal"
     assert Trainer(table, FitConfig(steps=1, width=8)).cfg.level_sampling == "log-uniform"
     chosen = Trainer(images, FitConfig(steps=1, width=8, level_sampling="log-uniform"), "images", (4, 4))
@@ -164,8 +169,7 @@ def test_fourier_features_at_a_level_are_those_of_the_blurred_input():
 
 
 def test_fourier_features_default_to_tables_with_noise_levels():
-    images = np.random.default_rng(0).integers(0, 17, size=(60, 16)).astype(np.float32)  # 4×4 images
-    table = np.random.default_rng(0).normal(size=(60, 2)).astype(np.float32)
+    images, table = _images_and_table()
     assert Trainer(table, FitConfig(steps=1, width=8)).cfg.fourier == FOURIER_FEATURES
     assert Trainer(images, FitConfig(steps=1, width=8), "images", (4, 4)).cfg.fourier == 0
     assert Trainer(table, FitConfig(steps=1, width=8, eps_max=0)).cfg.fourier == 0  # no levels
