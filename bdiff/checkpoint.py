@@ -136,6 +136,9 @@ def validate_meta(meta, tensors):
     need(levels is None or (isinstance(levels, list) and len(levels) == 2 and all(number(v) for v in levels)
                             and 0 < levels[0] < levels[1]), f"levels must be null or [ε_min, ε_max] "
          f"with 0 < ε_min < ε_max, got {levels!r}")
+    flow_eps = meta.get("flow_eps")
+    need(flow_eps is None or (levels is not None and number(flow_eps) and levels[0] <= flow_eps < levels[1]),
+         f"flow_eps must be null or a level in [ε_min, ε_max) of a model with levels, got {flow_eps!r}")
     config = meta.get("config")
     need(isinstance(config, dict), "config missing")
     need(config.get("arch") in ARCHS, f"arch must be one of {', '.join(ARCHS)}, got {config.get('arch')!r}")

@@ -67,3 +67,80 @@ def select_eps(fields_net, val_rows, refs, log_c, candidates, seed=0):
             break
         usable.append(item)
     return (max(usable, key=lambda item: item[1])[0] if usable else candidates[0]), scores
+
+
+# The probability-flow density (docs/design.md §2.3). RK4 steps in log ε from the density's level
+# up to ε_max: 32 agree with 200 to 1e-6 nats per row on the suite's tables (NOTES.md).
+FLOW_STEPS = 32
+# share of the broad Gaussian in the reported density: it costs at most -log(1 - 0.02) = 0.02
+# nats per row and bounds a row where the learned score is wild (far from every training row)
+DEFENSIVE_SHARE = 0.02
+
+
+def _score_and_divergence(fields_net, x, eps):
+    """∇log p_ε at x and its divergence, exact: one backward pass per dimension."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        _, score = fields_net.raw(x, eps, score_only=True)
+        divergence = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        for i in range(x.shape[1]):
+            (grad,) = torch.autograd.grad(score[:, i].sum(), x, retain_graph=i < x.shape[1] - 1)
+            divergence += grad[:, i].double()
+    return score.detach(), divergence
+
+
+def _log_gaussian(x, variance):
+    """log N(x; 0, variance I) per row (float64)."""
+    x = x.double()
+    return -0.5 * x.pow(2).sum(1) / variance - 0.5 * x.shape[1] * math.log(2 * math.pi * variance)
+
+
+def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
+    """log q_ε at standardised points (float64, on the CPU): the density the score fields define
+    through the probability-flow ODE dx/dε = -½ ∇log p_ε(x) (Song et al. 2021, in its
+    variance-exploding form). Each row is carried from ε up to ε_max, where p_ε_max is within
+    a few hundredths of a nat of N(0, (1 + ε_max) I) for standardised data, and
+    log q_ε(x) = log N(x(ε_max)) - ½ ∫ ∇·score dε. A change of variables of a normalised
+    Gaussian, so q_ε is positive and integrates to one by construction, with no importance
+    sampling (which fails above a few dimensions). A share DEFENSIVE_SHARE of
+    N(0, (1 + ε) I) keeps it finite where the learned score is wild."""
+    eps_max = fields_net.levels[1]
+    grid = torch.linspace(math.log(eps), math.log(eps_max), steps + 1, dtype=torch.float64).tolist()
+    parts = []
+    for x in torch.as_tensor(x_std).split(batch_size):
+        x0 = x = x.float().to(next(fields_net.parameters()).device)
+        log_volume = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+
+        def velocity(x, u):
+            # in u = log ε: dx/du = -½ ε score, d(log volume)/du = -½ ε ∇·score
+            level = math.exp(u)
+            score, divergence = _score_and_divergence(fields_net, x, level)
+            return -0.5 * level * score, -0.5 * level * divergence
+
+        for u, u_next in zip(grid[:-1], grid[1:]):
+            h = u_next - u
+            k1 = velocity(x, u)
+            k2 = velocity(x + 0.5 * h * k1[0], u + 0.5 * h)
+            k3 = velocity(x + 0.5 * h * k2[0], u + 0.5 * h)
+            k4 = velocity(x + h * k3[0], u_next)
+            x = x + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+            log_volume += h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+        log_flow = _log_gaussian(x, 1 + eps_max) + log_volume
+        log_broad = _log_gaussian(x0, 1 + eps)
+        parts.append(torch.logaddexp(log_flow + math.log1p(-DEFENSIVE_SHARE),
+                                     log_broad + math.log(DEFENSIVE_SHARE)).cpu())
+    return torch.cat(parts)
+
+
+def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
+    """The level from which the flow density best predicts the validation rows, among ε / 4^k
+    (k < candidates_down) down to ε_min; None where the field density at ε (validation score
+    `field_score`, None when unknown) predicts them better. Small tables measured best at ε/4
+    to ε/16: the network's score generalises below the level where its scalar field, whose
+    normaliser explodes there, does (NOTES.md). Returns (ε or None, [(ε, score)])."""
+    candidates = [eps / 4 ** k for k in range(candidates_down) if eps / 4 ** k >= fields_net.levels[0]]
+    scores = [(level, float(flow_log_density(fields_net, val_rows, level).mean())) for level in candidates]
+    best = max(scores, key=lambda item: item[1])
+    if field_score is not None and field_score >= best[1]:
+        return None, scores
+    return best[0], scores

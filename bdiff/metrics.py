@@ -184,15 +184,23 @@ def outside_range_share(samples, data, widen=0.1):
 
 
 def held_out_loglik(model, values, rows_std):
-    """Held-out log-likelihood of the normalised density: mean log p̂ - log Z, Z = ∫ p̂ by
-    importance sampling (density.normaliser). None, with the reason in the other keys, where
-    p̂ ≤ 0 at some held-out row (a linear s can go negative) or where Z cannot be estimated
-    (relative standard error above 5%: high D); loglik_unnormalised is the plain mean then."""
+    """Held-out log-likelihood (mean log-density per row, data units) of the model's density.
+
+    That is the probability-flow density from flow_eps where fit chose one: positive and
+    normalised by construction (density.flow_log_density). Else it is the field density
+    p̂_ε / Z, Z = ∫ p̂_ε by importance sampling (density.normaliser); None, with the reason in
+    the other keys, where p̂ ≤ 0 at some held-out row (a linear s can go negative) or where Z
+    cannot be estimated (relative standard error above 5%: high D). The field density's
+    figures are reported either way: loglik_field, loglik_unnormalised (the plain mean) and
+    the normaliser."""
     log_p = model.log_density(values)
     z, z_se = normaliser(model.log_density_std, rows_std, model.eps)
     nonpositive = float((~np.isfinite(log_p)).mean())
     known = reliable(z, z_se)
-    return {"loglik": float(log_p.mean() - math.log(z)) if known and nonpositive == 0 else None,
+    field = float(log_p.mean() - math.log(z)) if known and nonpositive == 0 else None
+    flow = None if model.flow_eps is None else float(model.flow_log_density(values).mean())
+    return {"loglik": field if flow is None else flow, "density": "field" if flow is None else "flow",
+            "flow_eps": model.flow_eps, "loglik_field": field,
             "loglik_unnormalised": float(log_p.mean()) if nonpositive == 0 else None,
             "normaliser": z, "normaliser_se": z_se, "normaliser_reliable": known,
             "density_nonpositive_share": nonpositive}

@@ -7,7 +7,7 @@ import torch
 
 from bdiff.checkpoint import read_checkpoint, split_state
 from bdiff.data import Standardizer, is_image
-from bdiff.density import log_density_std
+from bdiff.density import flow_log_density, log_density_std
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.sampler import default_sample_config, sample
@@ -97,6 +97,19 @@ class TrainedModel:
         self.check_dim(values, "the data")
         x = torch.from_numpy(self.standardizer.forward(values))
         return self.log_density_std(x).numpy() + self.standardizer.log_jacobian(values)
+
+    @property
+    def flow_eps(self):
+        """The level of the flow density, where fit chose it (it predicted the validation rows
+        better than the field density); None: the field density is the model's density."""
+        return self.meta.get("flow_eps")
+
+    def flow_log_density(self, values):
+        """Log of the probability-flow density from flow_eps (density.flow_log_density) at points
+        in data units (numpy)."""
+        self.check_dim(values, "the data")
+        x = torch.from_numpy(self.standardizer.forward(values))
+        return flow_log_density(self.fields_net, x, self.flow_eps).numpy() + self.standardizer.log_jacobian(values)
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

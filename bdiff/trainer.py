@@ -15,7 +15,7 @@ import torch
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_image
-from bdiff.density import reliable, select_eps
+from bdiff.density import reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth, field_loss,
@@ -177,6 +177,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None
+        self.flow_eps = self.flow_scores = None  # the flow density's level (choose_eps)
         if cfg.eps_rule == "auto":
             cfg.eps_rule = "heldout"
         if cfg.eps is not None:
@@ -217,6 +218,7 @@ class Trainer:
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
                 "eps_search": self.eps_scores,
                 "eps_model_search": self.eps_model_scores,
+                "flow_eps": self.flow_eps, "flow_search": self.flow_scores,
                 "levels": None if self.levels is None else list(self.levels),
                 "n_validation": 0 if self.val_rows is None else len(self.val_rows),
                 "validation": self.val_history}
@@ -247,6 +249,7 @@ class Trainer:
         self.eps, self.log_c, self.step = meta["eps"], meta["log_c"], meta["step"]
         self.eps_train = meta["eps_train"]
         self.eps_scores, self.eps_model_scores = meta.get("eps_search"), meta.get("eps_model_search")
+        self.flow_eps, self.flow_scores = meta.get("flow_eps"), meta.get("flow_search")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
         try:
@@ -320,21 +323,31 @@ class Trainer:
         candidates = [base * 2 ** (k / 2) for k in range(9) if base * 2 ** (k / 2) < eps_max]
         self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
                                                      candidates, seed=self.cfg.seed)
+        eps, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        self.flow_eps, self.flow_scores = select_flow_eps(self.ema, self.val_rows, self.eps,
+                                                          field_score if reliable(z, se) else None)
 
     def fit_report(self):
-        """Lines for the user about the fitted density: the chosen ε and a warning when its
-        normaliser is off by more than 10 % (mass leaking off the data)."""
+        """Lines for the user about the fitted density: the chosen ε, a warning when its
+        normaliser is off by more than 10 % (mass leaking off the data), and the flow density
+        where it predicted the validation rows better."""
         if not self.eps_model_scores:
             return []
-        eps, _, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        eps, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
         if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps the first
-            return [f"ε = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
-                    "so no level is chosen by likelihood"]
-        lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "
-                 f"validation rows; the targets' ε {self.eps_train:.4g})"]
+            lines = [f"ε = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
+                     "so no level is chosen by likelihood"]
+        else:
+            lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "
+                     f"validation rows; the targets' ε {self.eps_train:.4g})"]
         if reliable(z, se) and abs(z - 1) > 0.1:
             lines.append(f"warning: the learned density integrates to {z:.3f} ± {se:.3f}, not 1; "
                          "its likelihood is reported normalised, but samples may stray from the data")
+        if self.flow_eps is not None:
+            versus = f" against the field's {field_score:.3f}" if reliable(z, se) else ""
+            lines.append(f"density: the score's probability flow from ε = {self.flow_eps:.4g} "
+                         f"(validation log-likelihood {dict(self.flow_scores)[self.flow_eps]:.3f} "
+                         f"per row in standardised units{versus})")
         return lines
 
     def run(self, checkpoint_path=None, on_step=None):

@@ -367,8 +367,11 @@ def evaluate(
     (reference_repeats). C2ST is the 5-fold accuracy of a classifier separating samples
     from A (0.5: indistinguishable); MMD uses a Gaussian kernel of width 0.3 (mmd) and of the
     median distance (mmd_median); *_smoothed_ideal is B plus N(0, εI), a perfect sampler of the
-    smoothed p_ε. loglik is the held-out mean log-density after dividing by the normaliser Z,
-    estimated by importance sampling (normaliser, normaliser_se; 1 for a proper density); it is
+    smoothed p_ε. loglik is the held-out mean log-density of the model's density (density):
+    "flow" where fit found the score's probability flow from flow_eps predicts its validation
+    rows better, normalised by construction; else "field", the scalar field's p_ε divided by
+    its normaliser Z. The field's figures come either way: loglik_field, and Z estimated by
+    importance sampling (normaliser, normaliser_se; 1 for a proper density); loglik_field is
     null where the density is ≤ 0 at some held-out row (density_nonpositive_share) and where Z
     cannot be estimated to 5% (normaliser_reliable false: high D, e.g. 64-D digits), with the
     plain mean as loglik_unnormalised; image models report it for the coded pixels' density
@@ -606,7 +609,7 @@ def rl(
 def _fmt(value):
     if value is None:
         return "n/a"
-    if isinstance(value, int):
+    if isinstance(value, (int, str)):
         return str(value)
     return f"{value:.4g}"
 

@@ -227,8 +227,10 @@ def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
     for key in ("digits_fd", "class_entropy", "mean_confidence", "nn_ratio", "pixel_outside_share",
                 "blank_pixel_sd", "blank_pixel_sd_ideal", "pixel_w1", "pixel_w1_ideal"):
         assert np.isfinite(report[key]), key
-    # importance sampling cannot pin the normaliser down in 64-D: no likelihood, and it says why
-    assert report["loglik"] is None and report["normaliser_reliable"] is False
+    # importance sampling cannot pin the field's normaliser down in 64-D, and it says why; the
+    # flow density needs none, so the likelihood comes from it
+    assert report["loglik_field"] is None and report["normaliser_reliable"] is False
+    assert report["density"] == "flow" and np.isfinite(report["loglik"])
     assert (tmp_path / "plots" / "samples.png").exists()
 
 

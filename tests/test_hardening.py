@@ -109,6 +109,7 @@ def _edit(meta, path, value):
     (("config", "depth"), -1, "depth"), (("config", "arch"), "tower", "arch"),
     (("config", "fourier"), -3, "ourier"), (("config", "fourier"), 10**9, "ourier"),
     (("config", "fourier"), 7, "ourier"), (("config", "fourier"), 0, "ourier"),
+    (("flow_eps",), -1.0, "flow_eps"), (("flow_eps",), "x", "flow_eps"), (("flow_eps",), 1e9, "flow_eps"),
 ])
 def test_bad_metadata_is_refused_before_anything_is_allocated(tmp_path, tiny_checkpoint, path, value, message):
     _, meta = read_checkpoint(tiny_checkpoint)
