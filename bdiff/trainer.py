@@ -29,6 +29,10 @@ MAX_WIDTH, MAX_DEPTH = 16384, 64
 # random Fourier features of the input: this many frequencies, up to FOURIER_REACH / sqrt(ε)
 # radians per standardised unit (detail down to half p_ε's own kernel width)
 FOURIER_FEATURES, FOURIER_REACH = 32, 2.0
+# ... for tables of up to this many columns: spectral bias is a low-dimensional ill (Tancik et
+# al. 2020), and from 5-D up the features measured worse (mixture10d held-out log-likelihood
+# -14.97 with, -14.66 without; diabetes 21.0 / 25.2; NOTES.md)
+FOURIER_MAX_DIM = 4
 PREPARE_NOTICE_ROWS = 100_000  # from here the ε search and log C take long enough to announce
 # options a resumed run takes from now; every other option is the stored run's
 RESUME_OPTIONS = ("steps", "checkpoint_every", "device", "backend")
@@ -81,7 +85,8 @@ class FitConfig:
     #                              default (NOTES.md)
     fourier: int = None          # random Fourier features of the input (frequencies up to
     #                              FOURIER_REACH / sqrt(ε)); 0: the plain input; None: FOURIER_FEATURES
-    #                              for tables with noise levels (sharp edges and thin supports: spiral
+    #                              for tables of up to FOURIER_MAX_DIM columns with noise levels
+    #                              (sharp edges and thin supports: spiral
     #                              held-out log-likelihood -1.86 -> -1.28, far samples 0.38 % -> 0.03 %),
     #                              else 0 (digits FD 3.9 -> 4.0 with 64, not better; NOTES.md)
     max_refs: int = 4096         # references per step: all data up to this, else a random subset
@@ -194,7 +199,8 @@ class Trainer:
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
         if cfg.fourier is None:
-            cfg.fourier = FOURIER_FEATURES if self.levels is not None and not image else 0
+            low_dim_table = not image and self.dim <= FOURIER_MAX_DIM
+            cfg.fourier = FOURIER_FEATURES if self.levels is not None and low_dim_table else 0
         self._build()
         self.step = 0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)

@@ -115,9 +115,13 @@ def fit_bdiff(train, test, n, seed):
     sample_s = time.perf_counter() - start
     samples = model.standardizer.inverse(x.numpy())
     density = held_out_loglik(model, test.astype(np.float32), model.standardizer.forward(train))
-    # an unverifiable normaliser (high D) leaves the plain mean, flagged
-    loglik = density["loglik"] if density["normaliser_reliable"] else density["loglik_unnormalised"]
-    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, normaliser=density["normaliser"],
+    # the flow density is normalised by construction; a field density whose normaliser cannot
+    # be verified (high D) leaves the plain mean, flagged
+    unknown = density["loglik"] is None
+    loglik = density["loglik_unnormalised"] if unknown else density["loglik"]
+    return dict(samples=samples, loglik=loglik, fit_s=fit_s, sample_s=sample_s, density=density["density"],
+                flow_eps=density["flow_eps"], loglik_field=density["loglik_field"], loglik_unknown_z=unknown,
+                normaliser=density["normaliser"],
                 normaliser_reliable=density["normaliser_reliable"],
                 normaliser_se=density["normaliser_se"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
                 eps_scores=trainer.eps_model_scores, model=model)
@@ -289,7 +293,8 @@ def table(results):
                 continue
             r = entry[method]
             mark = "**" if r["loglik"] >= best - 0.05 * entry["dim"] else ""
-            flag = "" if r.get("normaliser_reliable", True) else " (Z unknown)"
+            flag = " (Z unknown)" if r.get("loglik_unknown_z") else ""
+            flag += " (flow)" if r.get("density") == "flow" else ""
             mode = "" if "mode_weight_error" not in r else f"{r['mode_weight_error']:.4f} ({ref['mode_weight_error']:.4f})"
             lines.append(f"| {name} | {entry['dim']} | {entry['rows'][0]}/{entry['rows'][1]} | {method} | "
                          f"{mark}{r['loglik']:.3f}{mark}{flag} | {r['c2st']:.3f} ({ref['c2st']:.3f}) | "

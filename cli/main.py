@@ -128,8 +128,8 @@ def fit(
     fourier: Optional[int] = typer.Option(None, help="Random Fourier features of the input (sin and "
                                           "cos of this many random frequencies, up to 2/sqrt(ε)): "
                                           "the fields follow sharp edges and thin supports. 0: "
-                                          "plain input. Default: 32 for tables with noise levels, "
-                                          "else 0."),
+                                          "plain input. Default: 32 for tables of up to 4 columns "
+                                          "with noise levels, else 0."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
