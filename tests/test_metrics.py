@@ -211,3 +211,27 @@ def test_the_flow_density_of_a_network_integrates_to_one():
     density = np.exp(flow_log_density(net, grid, 0.05).numpy())
     assert np.trapezoid(density, grid[:, 0]) == pytest.approx(1.0, abs=0.01)
     assert density.max() < 50  # a proper, finite density, not a spike
+
+
+class _FlowStubModel(_StubModel):
+    """The same N(0, 1), chosen as a flow density: the headline comes from flow_log_density."""
+    flow_eps = 0.01
+
+    def flow_log_density(self, values):
+        self.flow_rows = len(values)
+        return self.log_density(values) - 1.0  # told apart from the field's figure
+
+
+def test_a_flow_density_is_the_headline_over_a_bounded_subset(rng, monkeypatch):
+    import bdiff.metrics
+    from bdiff.metrics import held_out_loglik
+    rows = rng.normal(size=(2000, 1)).astype(np.float32)
+    test = rng.normal(size=(300, 1)).astype(np.float32)
+    model = _FlowStubModel()
+    monkeypatch.setattr(bdiff.metrics, "FLOW_HELDOUT_ROWS", 120)
+    report = held_out_loglik(model, test, rows)
+    exact = float(scipy.stats.norm.logpdf(test).mean())
+    assert report["density"] == "flow" and report["flow_eps"] == 0.01
+    assert model.flow_rows == report["loglik_rows"] == 120
+    assert report["loglik"] == pytest.approx(exact - 1.0, abs=0.2)  # a subset's mean
+    assert report["loglik_field"] == pytest.approx(exact, abs=0.03)  # the field's, every row
