@@ -149,14 +149,26 @@ def test_bad_checkpoints(tmp_path, tiny_checkpoint):
 def test_training_stops_when_the_validation_loss_stalls_and_keeps_the_best_weights():
     """The field loss on the rows kept out decides: no 1 % fall in `patience` checks stops
     training before the cap, and the EMA weights of the best check are the ones kept."""
-    values = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    values = np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32)
     trainer = Trainer(values, FitConfig(steps=3000, width=32, depth=2, batch_size=256, eval_every=50,
                                         patience=3))
-    assert len(trainer.val_rows) == 20 and len(trainer.refs) == 180
+    assert len(trainer.val_rows) == 100 and len(trainer.refs) == 900
     trainer.run()
     assert trainer.stopped_early and trainer.step < 3000
     assert trainer.validation.loss(trainer.ema) == pytest.approx(trainer.best_val, rel=1e-6)
     assert trainer.best_val == min(loss for _, loss in trainer.val_history)
+
+
+def test_a_small_table_trains_to_the_cap_whatever_its_few_validation_rows_say():
+    """Under 100 validation rows the loss is too noisy to stop on: diabetes (35 rows) stopped
+    at 1000-1100 steps on two seeds of four, held-out log-likelihood 21.5 against 25.6-26.1 at
+    3000 (NOTES.md). The rows still choose ε and the density."""
+    values = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    trainer = Trainer(values, FitConfig(steps=400, width=8, depth=1, eval_every=50, patience=2))
+    trainer.validation = _ScriptedValidation([10.0] * 8)  # stalled from the first check
+    trainer.run()
+    assert trainer.step == 400 and not trainer.stopped_early
+    assert trainer.flow_eps is not None or trainer.flow_scores  # the density was still chosen
 
 
 class _ScriptedValidation:
