@@ -132,16 +132,17 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
     return torch.cat(parts)
 
 
-FLOW_ROWS = 2000  # rows that judge or report the flow density: its ODE costs D backward passes a step
+FLOW_ROWS = 2000  # validation rows that judge the flow density: its ODE costs D backward passes a step
 
 
 def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
     """The level from which the flow density best predicts the validation rows, among ε / 4^k
-    (k < candidates_down) above ε_min, and ε_min; None where the field density at ε (validation score
-    `field_score`, None when unknown) predicts them better. The suite's data sets measured best
-    anywhere from ε itself (wine) to ε_min (diabetes): the network's score generalises below the level where its scalar
-    field, whose normaliser explodes there, does (NOTES.md). The first FLOW_ROWS validation
-    rows judge (they are a random draw). Returns (ε or None, [(ε, score)])."""
+    (k < candidates_down) above ε_min, and ε_min; None where the field density at ε (validation
+    score `field_score`, None when unknown) predicts them better. The suite's data sets measured
+    best anywhere from ε itself (wine) to ε_min (diabetes): the network's score generalises below
+    the level where its scalar field, whose normaliser explodes there, does (NOTES.md). The
+    first FLOW_ROWS validation rows judge (they are a random draw). Returns (ε or None,
+    [(ε, score)])."""
     val_rows = val_rows[:FLOW_ROWS]
     eps_min = fields_net.levels[0]
     candidates = [eps / 4 ** k for k in range(candidates_down) if eps / 4 ** k > eps_min] + [eps_min]

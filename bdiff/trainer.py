@@ -333,7 +333,7 @@ class Trainer:
         candidates = [base * 2 ** (k / 2) for k in range(9) if base * 2 ** (k / 2) < eps_max]
         self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
                                                      candidates, seed=self.cfg.seed)
-        eps, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        _, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
         self.flow_eps, self.flow_scores = select_flow_eps(self.ema, self.val_rows, self.eps,
                                                           field_score if reliable(z, se) else None)
 
