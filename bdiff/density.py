@@ -105,7 +105,8 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
     sampling (which fails above a few dimensions). A share DEFENSIVE_SHARE of
     N(0, (1 + ε) I) keeps it finite where the learned score is wild."""
     eps_max = fields_net.levels[1]
-    grid = torch.linspace(math.log(eps), math.log(eps_max), steps + 1, dtype=torch.float64).tolist()
+    span = math.log(eps_max / eps)
+    grid = [math.log(eps) + span * k / steps for k in range(steps + 1)]  # u = log ε
     parts = []
     for x in torch.as_tensor(x_std).split(batch_size):
         x0 = x = x.float().to(next(fields_net.parameters()).device)
