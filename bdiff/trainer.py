@@ -373,7 +373,7 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.step, losses, time.perf_counter() - start)
                 if may_stop and self.step % self.cfg.eval_every == 0 and self.validate():
-                    self.stopped_early = True
+                    self.stopped_early = self.step < self.cfg.steps  # at the cap it ended anyway
                     self.ema.load_state_dict(self.best_state)
                     break
                 if checkpoint_path and self.step % self.cfg.checkpoint_every == 0:

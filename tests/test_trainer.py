@@ -171,6 +171,16 @@ def test_a_small_table_trains_to_the_cap_whatever_its_few_validation_rows_say():
     assert trainer.flow_eps is not None or trainer.flow_scores  # the density was still chosen
 
 
+def test_a_stall_seen_at_the_last_step_is_not_an_early_stop():
+    """The check at the step cap may find the loss stalled: training ended at the cap, and fit
+    must not say it stopped early (it said "stopped at step 6000" on digits)."""
+    values = np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32)
+    trainer = Trainer(values, FitConfig(steps=300, width=8, depth=1, eval_every=100, patience=2))
+    trainer.validation = _ScriptedValidation([10.0] * 3)  # stalled: the stop signal comes at 300
+    trainer.run()
+    assert trainer.step == 300 and not trainer.stopped_early
+
+
 class _ScriptedValidation:
     def __init__(self, losses):
         self.losses = iter(losses)
