@@ -15,6 +15,12 @@ def log_density_std(fields_net, x_std, eps, log_c):
     return log_s.double() + log_c - 0.5 * x_std.shape[1] * math.log(2 * math.pi * eps)
 
 
+def _log_gaussian(x, variance):
+    """log N(x; 0, variance I) per row (float64)."""
+    x = x.double()
+    return -0.5 * x.pow(2).sum(1) / variance - 0.5 * x.shape[1] * math.log(2 * math.pi * variance)
+
+
 def normaliser(log_density_fn, rows_std, eps, n=20_000, seed=0, broad_share=0.1, broad_std=2.0):
     """∫ p̂ by importance sampling, with its standard error: (Z, se). The proposal is a defensive
     mixture of the rows smoothed at ε (close to p̂ where the mass is) and a broad Gaussian
@@ -31,8 +37,7 @@ def normaliser(log_density_fn, rows_std, eps, n=20_000, seed=0, broad_share=0.1,
     points = torch.cat([rows[picks] + noise, broad])
     lse, _ = field_matching(points, rows, eps)
     log_near = lse.double() - 0.5 * dim * math.log(2 * math.pi * eps)
-    log_broad = (-0.5 * points.double().pow(2).sum(1) / broad_std**2
-                 - 0.5 * dim * math.log(2 * math.pi * broad_std**2))
+    log_broad = _log_gaussian(points, broad_std**2)
     log_q = torch.logaddexp(log_near + math.log(1 - broad_share), log_broad + math.log(broad_share))
     weights = torch.exp(log_density_fn(points).cpu() - log_q.cpu())
     weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
@@ -89,10 +94,11 @@ def _score_and_divergence(fields_net, x, eps):
     return score.detach(), divergence
 
 
-def _log_gaussian(x, variance):
-    """log N(x; 0, variance I) per row (float64)."""
-    x = x.double()
-    return -0.5 * x.pow(2).sum(1) / variance - 0.5 * x.shape[1] * math.log(2 * math.pi * variance)
+def _flow_velocity(fields_net, x, u):
+    """In u = log ε: dx/du = -½ ε score and d(log volume)/du = -½ ε ∇·score."""
+    level = math.exp(u)
+    score, divergence = _score_and_divergence(fields_net, x, level)
+    return -0.5 * level * score, -0.5 * level * divergence
 
 
 def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
@@ -111,19 +117,12 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
     for x in torch.as_tensor(x_std).split(batch_size):
         x0 = x = x.float().to(next(fields_net.parameters()).device)
         log_volume = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-
-        def velocity(x, u):
-            # in u = log ε: dx/du = -½ ε score, d(log volume)/du = -½ ε ∇·score
-            level = math.exp(u)
-            score, divergence = _score_and_divergence(fields_net, x, level)
-            return -0.5 * level * score, -0.5 * level * divergence
-
         for u, u_next in zip(grid[:-1], grid[1:]):
             h = u_next - u
-            k1 = velocity(x, u)
-            k2 = velocity(x + 0.5 * h * k1[0], u + 0.5 * h)
-            k3 = velocity(x + 0.5 * h * k2[0], u + 0.5 * h)
-            k4 = velocity(x + h * k3[0], u_next)
+            k1 = _flow_velocity(fields_net, x, u)
+            k2 = _flow_velocity(fields_net, x + 0.5 * h * k1[0], u + 0.5 * h)
+            k3 = _flow_velocity(fields_net, x + 0.5 * h * k2[0], u + 0.5 * h)
+            k4 = _flow_velocity(fields_net, x + h * k3[0], u_next)
             x = x + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
             log_volume += h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
         log_flow = _log_gaussian(x, 1 + eps_max) + log_volume

@@ -93,10 +93,14 @@ class TrainedModel:
         return log_density_std(self.fields_net, x_std.to(self._device()), self.eps, self.log_c).cpu()
 
     def log_density(self, values):
-        """Log of the density at points in data units (numpy)."""
+        """Log of the field density at points in data units (numpy)."""
+        return self._in_data_units(self.log_density_std, values)
+
+    def _in_data_units(self, log_density_std_fn, values):
+        """A log-density of standardised points (torch → torch) read at points in data units."""
         self.check_dim(values, "the data")
         x = torch.from_numpy(self.standardizer.forward(values))
-        return self.log_density_std(x).numpy() + self.standardizer.log_jacobian(values)
+        return log_density_std_fn(x).numpy() + self.standardizer.log_jacobian(values)
 
     @property
     def flow_eps(self):
@@ -107,9 +111,7 @@ class TrainedModel:
     def flow_log_density(self, values):
         """Log of the probability-flow density from flow_eps (density.flow_log_density) at points
         in data units (numpy)."""
-        self.check_dim(values, "the data")
-        x = torch.from_numpy(self.standardizer.forward(values))
-        return flow_log_density(self.fields_net, x, self.flow_eps).numpy() + self.standardizer.log_jacobian(values)
+        return self._in_data_units(lambda x: flow_log_density(self.fields_net, x, self.flow_eps), values)
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

@@ -333,9 +333,13 @@ class Trainer:
         candidates = [base * 2 ** (k / 2) for k in range(9) if base * 2 ** (k / 2) < eps_max]
         self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
                                                      candidates, seed=self.cfg.seed)
-        _, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        _, field_score, z, se = self._density_eps_score()
         self.flow_eps, self.flow_scores = select_flow_eps(self.ema, self.val_rows, self.eps,
                                                           field_score if reliable(z, se) else None)
+
+    def _density_eps_score(self):
+        """(ε, validation score, Z, se) of the density's ε in choose_eps's search."""
+        return next(item for item in self.eps_model_scores if item[0] == self.eps)
 
     def fit_report(self):
         """Lines for the user about the fitted density: the chosen ε, a warning when its
@@ -343,7 +347,7 @@ class Trainer:
         where it predicted the validation rows better."""
         if not self.eps_model_scores:
             return []
-        eps, field_score, z, se = next(item for item in self.eps_model_scores if item[0] == self.eps)
+        eps, field_score, z, se = self._density_eps_score()
         if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps the first
             lines = [f"ε = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
                      "so no level is chosen by likelihood"]
