@@ -11,7 +11,7 @@ import torch
 from bdiff.errors import BdiffError
 from bdiff.kernels import (field_matching_chunked, field_matching_naive, field_matching_reference,
                            field_matching_torch, sde_step_reference, sde_step_torch)
-from bdiff.kernels.torch_path import sde_noise
+from bdiff.kernels.torch_path import sde_noise, stream_seed  # noqa: F401  (stream_seed: the samplers')
 
 BACKENDS = ("triton", "torch", "chunked", "naive", "reference")
 

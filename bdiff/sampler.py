@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bdiff.backend import check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step
+from bdiff.backend import (check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step,
+                           stream_seed)
 from bdiff.errors import BdiffError
 from bdiff.losses import fitted_from
 
@@ -127,7 +128,7 @@ class Plan:
 
 def field_scale(fields, cfg, device):
     """(log of max s, 99th percentile of ‖g‖) on a probe of the start distribution."""
-    generator = torch.Generator().manual_seed((cfg.seed + 7_777) % 2**63)
+    generator = torch.Generator().manual_seed(stream_seed("field scale probe", cfg.seed))
     probe = draw(torch.randn, 8192, fields.dim, generator=generator, device=device) * cfg.proposal_std
     log_s, score = fields.log_fields(probe)
     g_norm = (score * torch.exp(log_s - log_s.max()).unsqueeze(1)).norm(dim=1)
@@ -325,7 +326,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
     batches, extras = [], []
     for start in range(0, n, cfg.batch_size):
         count = min(cfg.batch_size, n - start)
-        generator = torch.Generator().manual_seed((cfg.seed * 7_919 + start) % 2**63)
+        generator = torch.Generator().manual_seed(stream_seed("sampler batch", cfg.seed, start))
         batch_plan = dataclasses.replace(plan, offset=start)
         x = _start(fields, count, cfg, batch_plan, generator, device)
         x, extra = chosen.run(fields, x, cfg, batch_plan, generator)

@@ -7,7 +7,9 @@ additive column bias -‖y‖²/(2ε) (or, for one ε per row, queries [x/ε, -1
 then does the whole reduction in O(B + M) memory (see NOTES.md for the measured speed-up).
 """
 import math
+import zlib
 
+import numpy as np
 import torch
 
 # Exclusion masks are materialised one query chunk at a time, within this many bytes.
@@ -191,10 +193,19 @@ def field_matching_naive(x, y, eps, exclude=None):
     return lse - reference_counts(exclude, x.shape[0], y.shape[0], x.device).log(), mean
 
 
+def stream_seed(stream, *indices):
+    """A 63-bit generator seed for the named random stream at nonnegative integer indices,
+    hashed by NumPy's SeedSequence: distinct (stream, indices) give unrelated seeds. Seeds
+    built from sums and products of the indices collided: a sampler batch's start drew the
+    numbers of its first step's noise at seed 0, and step k at offset b those of step k + 1."""
+    words = (zlib.crc32(stream.encode()), *indices)
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def sde_noise(shape, seed, step, offset, device):
     """Gaussian noise for one SDE step of one particle block, reproducible from its indices."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(((seed * 1_000_003 + step) * 1_000_033 + offset) % 2**63)
+    generator.manual_seed(stream_seed("sde noise", seed, step, offset))
     return torch.randn(shape, generator=generator, device=device)
 
 

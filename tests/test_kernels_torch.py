@@ -115,3 +115,9 @@ def test_with_own_kernel_equals_the_targets_without_exclusion():
     lse, score = field_matching_reference(queries, refs, eps, exclude)
     _, expected = field_matching_reference(queries, refs, eps)
     assert torch.allclose(with_own_kernel(queries, refs, eps, exclude, lse, score), expected, atol=1e-9)
+
+
+def test_sde_noise_streams_do_not_collide_across_steps_and_offsets():
+    """A seed built as (seed · a + step) · b + offset gave step k at offset b the stream of
+    step k + 1 at offset 0: two batches of one run would share their noise."""
+    assert not torch.equal(sde_noise((8, 2), 0, 1, 0, "cpu"), sde_noise((8, 2), 0, 0, 1_000_033, "cpu"))
