@@ -83,7 +83,7 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))
-    for name in ("low_density_share", "final_ess", "resamples"):
+    for name in ("low_density_share", "final_ess"):
         if report.get(name) is not None:
             metrics[name] = report[name]
     warnings += quality_warnings(metrics)

@@ -13,9 +13,8 @@ the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg
   (possible because s is a density) or a Gaussian start.
 - anneal: down a ladder of noise levels from the broad p_εmax to ε_min, below the density's ε,
   then one denoising step: samples of the data, not of p_ε's blur.
-- smc: the same ladder as a sequential Monte Carlo sampler, weighted with the learned log s
-  at consecutive levels down to the density's ε and resampled when the effective sample size
-  drops, then annealed on to ε_min like anneal.
+- smc: the same ladder and noise, its paths importance-weighted with the learned log s at the
+  density's ε, resampled once there, then annealed on to ε_min like anneal.
 """
 import dataclasses
 import math
@@ -44,7 +43,6 @@ class SampleConfig:
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
     denoise: bool = False     # end with x + ε ∇log s at the last level (Tweedie): removes its N(0, εI) blur
-    ess_frac: float = 0.5     # smc: resample when the effective sample size falls below this share
     batch_size: int = 10_000
     seed: int = 0
     backend: str = None
@@ -246,37 +244,30 @@ def _ess(log_w):
 
 
 def run_smc(fields, x, cfg, plan, generator):
-    """Annealing as an SMC sampler (docs/design.md §3.2), down the anneal's own ladder. From
-    level hi to lo the particles take the anneal's step, the proposal q(x'|x) =
-    N(x + Δ∇log p_hi(x), Δ lo/hi I); the backward kernel is the noising N(x; x', ΔI), so each
-    move is weighted by p_lo(x') N(x; x', Δ) / (p_hi(x) q(x'|x)) with the learned log s, and
-    resampled when the effective sample size drops. log s is fitted from the density's ε up,
-    so the weights stop there (after a last resampling) and the particles anneal on, unweighted,
-    to ε_min: the mass between modes is corrected at the broad levels where it is decided,
-    and the samples stay as sharp as annealing's."""
+    """Annealing weighted by the learned density (docs/design.md §3.2): annealed importance
+    sampling down the anneal's own ladder and noise. Each step from hi to lo is the anneal's
+    proposal q(x'|x) = N(x + Δ∇log p_hi(x), Δ lo/hi I) with the noising N(x; x', ΔI) as its
+    backward kernel, so the path's weight is p_lo(x') N(x; x', Δ) / (p_hi(x) q(x'|x)) multiplied
+    over the steps: the learned log s of the levels in between cancels, and only the last
+    weighted level's remains (beside the start's Gaussian). log s is fitted from the density's
+    ε up, so the weights stop at the last level at or above it; the particles are resampled
+    once there (systematic) and anneal on, unweighted, to ε_min: the mass between modes is
+    that of the field density, and the samples are as sharp as annealing's."""
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
     weighted = sum(level >= fitted_from(fields.eps) for level in ladder)  # the levels log s is fitted at
-    log_s, score = fields.log_fields(x, ladder[0])
     start_var = cfg.proposal_std ** 2 + fields.levels[1]
-    log_w = (log_s + 0.5 * x.pow(2).sum(1) / start_var).double()  # p_εmax over the start's N(0, start_var)
-    resamples, min_ess = 0, 1.0
-    for step, (hi, lo) in enumerate(zip(ladder[:weighted], ladder[1:weighted])):
-        ess = _ess(log_w) / len(x)
-        min_ess = min(min_ess, ess)
-        if ess < cfg.ess_frac:
-            picks = _resample(log_w, generator)
-            x, log_s, score = x[picks], log_s[picks], score[picks]
-            log_w = torch.zeros_like(log_w)
-            resamples += 1
-        delta = hi - lo
+    log_w = (0.5 * x.pow(2).sum(1) / start_var).double()  # over the start's N(0, start_var)
+    for step in range(weighted - 1):
+        hi, lo = ladder[step], ladder[step + 1]
+        delta, score = hi - lo, fields.score(x, hi)
         moved = _ancestral_step(x, score, hi, lo, cfg, plan, step)
         proposal_gap = (moved - x - delta * score).pow(2).sum(1) / (2 * delta * lo / hi)
-        log_s_new, score = fields.log_fields(moved, lo)
-        log_w = log_w + (log_s_new - log_s - (moved - x).pow(2).sum(1) / (2 * delta) + proposal_gap).double()
-        x, log_s = moved, log_s_new
+        log_w += (proposal_gap - (moved - x).pow(2).sum(1) / (2 * delta)).double()
+        x = moved
+    log_w += fields.log_fields(x, ladder[weighted - 1])[0].double()
     final_ess = _ess(log_w) / len(x)
     x = _anneal_down(fields, x[_resample(log_w, generator)], ladder, weighted - 1, cfg, plan)
-    return x, {"resamples": resamples, "min_ess": min(min_ess, final_ess), "final_ess": final_ess}
+    return x, {"final_ess": final_ess}
 
 
 @dataclass(frozen=True)
@@ -312,7 +303,7 @@ def _plan(fields, cfg, device):
 
 def sample(fields, n, cfg, device="cpu", on_batch=None):
     """n samples in standardised units and a report (sampler, step size, low-density share, and
-    what the sampler adds: SMC's resamples and effective sample sizes)."""
+    what the sampler adds: SMC's effective sample size)."""
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")

@@ -275,8 +275,8 @@ def sample_command(
     output: Path = typer.Option("samples.npy", "-o", "--output", help="Output .npy or .csv."),
     sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
                                           "(preconditioned SDE), anneal (down the noise levels) or "
-                                          "smc (annealing weighted and resampled with the learned "
-                                          "density down to its ε, then annealed on). "
+                                          "smc (annealing, its paths importance-weighted by the "
+                                          "learned density at its ε and resampled there). "
                                           "Default: anneal for models with noise levels (all fits "
                                           "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
@@ -326,7 +326,7 @@ def _sampler_text(report):
     else:
         text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
     if report.get("final_ess") is not None:
-        text += f", final ESS {report['final_ess']:.0%}, {report['resamples']:.0f} resamples"
+        text += f", effective sample size {report['final_ess']:.0%} before resampling"
     return text
 
 
