@@ -341,8 +341,8 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
               "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
               "levels": list(fields.levels) if chosen.needs_levels else None,
               "low_density_share": float((log_s_end <= plan.log_floor).float().mean())}
-    for key in extras[0]:
+    for key in extras[0]:  # the batches' mean
         values = [e[key] for e in extras if e[key] is not None]
-        report[key] = (min(values) if key.startswith("min") else sum(values) / len(values)) if values else None
+        report[key] = sum(values) / len(values) if values else None
     return x, report
 
