@@ -1,6 +1,7 @@
 """Every command through Typer's CliRunner, good and bad input."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -305,3 +306,13 @@ def test_benchmark_compile_check_reports_sass_per_pair(tmp_path):
     compiled = [r for r in json.loads((tmp_path / "b.json").read_text()) if r["op"] == "compile"]
     rows = [r for r in compiled if r["kernel"] == "field_rows_kernel"]
     assert len(rows) == 16 and all(r["shuffles_per_pair"] == 0 and not r["spills"] for r in rows)
+
+
+def test_sample_with_smc_reports_its_effective_sample_size(tmp_path, tiny_checkpoint):
+    out = tmp_path / "s.npy"
+    result = invoke("sample", "-c", tiny_checkpoint, "--n", 120, "-o", out, "--steps", 6, "--sampler", "smc",
+                    "--batch-size", 50)
+    assert result.exit_code == 0, result.stderr
+    assert np.isfinite(np.load(out)).all() and np.load(out).shape == (120, 2)
+    share = re.search(r"smc over 6 levels, effective sample size (\d+)% before resampling", result.output)
+    assert share and 0 < int(share.group(1)) <= 100, result.output
