@@ -76,9 +76,10 @@ def mode_weights(law, values):
     return np.bincount(law.component(values), minlength=len(law.weights)) / len(values)
 
 
-def mode_weight_error(law, values):
-    """Largest absolute error of the mixture weights, samples assigned to their component."""
-    return float(np.abs(mode_weights(law, values) - law.weights).max())
+def mode_weight_error(law, values, target=None):
+    """Largest absolute error of the mixture weights, samples assigned to their component,
+    against `target` weights (default: the law's)."""
+    return float(np.abs(mode_weights(law, values) - (law.weights if target is None else target)).max())
 
 
 def field_grid(values, points=160):
