@@ -13,7 +13,7 @@ from bdiff.metrics import evaluate, quality_warnings
 from bdiff.model import TrainedModel
 
 DEFAULT_SAMPLES = 10_000
-SAMPLING_OPTIONS = ("n", "sampler", "init", "steps", "denoise")
+SAMPLING_OPTIONS = ("n", "sampler", "init", "steps", "denoise", "trim")
 
 
 @dataclass
@@ -40,7 +40,7 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
     data: a file or a built-in name (its held-out split); None only for models of a built-in,
     because a path stored in a checkpoint is never opened. The held-out rows must not be the
     training rows (checked by fingerprint). sampling: the options for drawing samples now
-    (n, sampler, init, steps, denoise; None values take the model's defaults); refused with
+    (n, sampler, init, steps, denoise, trim; None values take the model's defaults); refused with
     `samples`, where they would do nothing."""
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     unknown = set(sampling) - set(SAMPLING_OPTIONS)
@@ -83,7 +83,7 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))
-    for name in ("low_density_share", "final_ess"):
+    for name in ("low_density_share", "trimmed_share", "final_ess"):
         if report.get(name) is not None:
             metrics[name] = report[name]
     warnings += quality_warnings(metrics)

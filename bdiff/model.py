@@ -65,6 +65,12 @@ class TrainedModel:
         return self.fields_net.score_batched(x_std, eps=self.eps if eps is None else eps)
 
     @property
+    def support_log_s(self):
+        """log s of the data's lowest 0.1 % of rows at ε (the sampler trims below it); None for
+        checkpoints from before it was stored."""
+        return self.meta.get("support_log_s")
+
+    @property
     def item_shape(self):
         """The shape of one item: (D,), or the image's axes."""
         return tuple(self.meta.get("item_shape") or [self.dim])

@@ -5,8 +5,9 @@ its log fields are its own outputs, not logs of possibly negative linear fields)
 `fields(x)` → (s, g), `log_fields(x, eps=None)` → (log s, ∇log s) at ε or at any level and
 `score(x, eps=None)` → ∇log s alone;
 optionally `fused_step(x, s_floor, h, seed, step, offset, delta)`, one launch that evaluates
-the fields and steps (the oracle). A sampler is one function `run(fields, x, cfg, plan)` →
-(x, report) plus its entry in SAMPLERS.
+the fields and steps (the oracle), and `support_log_s`, the log s of the data's lowest
+SUPPORT_QUANTILE (fit stores it): particles that end below it are trimmed and drawn again. A
+sampler is one function `run(fields, x, cfg, plan)` → (x, report) plus its entry in SAMPLERS.
 
 - bellman / precond: Euler–Maruyama steps of the paper's SDE dx = ∇p dt + sqrt(p) dW or its
   preconditioned variant, from importance resampling of a broad proposal with weights s/q
@@ -20,6 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bdiff.backend import (check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step,
@@ -43,6 +45,7 @@ class SampleConfig:
     floor_rel: float = 1e-2   # s below floor_rel·max s counts as zero: kills small spurious
     #                           bumps far from the data that importance weights s/q inflate
     denoise: bool = False     # end with x + ε ∇log s at the last level (Tweedie): removes its N(0, εI) blur
+    trim: bool = True         # draw again particles below the density of the data's lowest 0.1 %
     batch_size: int = 10_000
     seed: int = 0
     backend: str = None
@@ -87,11 +90,28 @@ def default_sample_config(param, leveled=False, image=False, **overrides):
     return SampleConfig(**base)
 
 
+SUPPORT_QUANTILE = 1e-3  # the far-sample metric's 99.9th percentile, seen from the density side
+MAX_TRIMMED = 0.5  # trimming more than this share of the particles means the model misses its data
+
+
+def support_floor(log_s):
+    """The log s below which a particle counts as off the data (docs/design.md §3.3): that of
+    the data's own lowest SUPPORT_QUANTILE of rows, a row's own value. None where there are
+    fewer than 1/SUPPORT_QUANTILE rows (their lowest stands for the lowest 1/(n + 1) of the law,
+    and trimming there would cut its tails) or where log s is not finite on every row (a linear
+    s ≤ 0): the floor would say nothing."""
+    values = np.asarray(torch.as_tensor(log_s).double().cpu())
+    if len(values) * SUPPORT_QUANTILE < 1 or not np.isfinite(values).all():
+        return None
+    return float(np.quantile(values, SUPPORT_QUANTILE, method="lower"))
+
+
 class OracleFields:
     """The exact smoothed fields against a reference set (docs/design.md §1.1): a network-free
     fields source whose law is known (data + N(0, εI)); with levels, p_ε at any ε."""
 
     exact_log = True
+    support_log_s = None
 
     def __init__(self, refs, eps, log_c=0.0, backend=None, levels=None):
         self.refs, self.eps, self.log_c, self.backend, self.levels = refs, eps, log_c, backend, levels
@@ -302,8 +322,9 @@ def _plan(fields, cfg, device):
 
 
 def sample(fields, n, cfg, device="cpu", on_batch=None):
-    """n samples in standardised units and a report (sampler, step size, low-density share, and
-    what the sampler adds: SMC's effective sample size)."""
+    """n samples in standardised units and a report (sampler, step size, low-density share, the
+    share trimmed below the data's support floor and drawn again, and what the sampler adds:
+    SMC's effective sample size)."""
     cfg.validate()
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
@@ -314,35 +335,52 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
         raise BdiffError(f"the {cfg.sampler} sampler needs a model trained with noise levels "
                          "(bdiff fit --eps-max, automatic for log fields)")
     plan, log_s_max = _plan(fields, cfg, device)
-    batches, extras = [], []
-    for start in range(0, n, cfg.batch_size):
-        count = min(cfg.batch_size, n - start)
-        generator = torch.Generator().manual_seed(stream_seed("sampler batch", cfg.seed, start))
-        batch_plan = dataclasses.replace(plan, offset=start)
-        x = _start(fields, count, cfg, batch_plan, generator, device)
-        x, extra = chosen.run(fields, x, cfg, batch_plan, generator)
-        if cfg.denoise:
-            score = fields.score(x, plan.end_eps)
-            if plan.log_floor > -math.inf:  # no step where the density counts as zero
-                log_s, _ = fields.log_fields(x)
-                score = torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
-            x = x + plan.end_eps * score
+    floor = getattr(fields, "support_log_s", None) if cfg.trim else None
+    batches, log_s_kept, extras, kept, drawn = [], [], [], 0, 0
+    while kept < n:
+        count = min(cfg.batch_size, n - kept)
+        x, log_s, extra = _draw_batch(fields, count, cfg, dataclasses.replace(plan, offset=drawn), device)
+        drawn += count
+        if floor is not None:
+            inside = log_s >= floor
+            x, log_s = x[inside], log_s[inside]
+            if drawn - kept - len(x) > MAX_TRIMMED * n:
+                raise BdiffError(f"{drawn - kept - len(x)} of {drawn} particles ended below the density "
+                                 "of the data's lowest 0.1 %: the model does not cover its data (train "
+                                 "longer?); --no-trim keeps them")
+        kept += len(x)
         batches.append(x)
+        log_s_kept.append(log_s)
         extras.append(extra)
         if on_batch is not None:
-            on_batch(start + count, n)
-    x = torch.cat(batches)
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x).all(1)).sum())
-        raise BdiffError(f"{bad} particles left the finite range; try fewer --steps or another "
-                         "--sampler")
-    log_s_end, _ = fields.log_fields(x)
+            on_batch(kept, n)
+    x, log_s_end = torch.cat(batches), torch.cat(log_s_kept)
     report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": plan.h,
               "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
               "levels": list(fields.levels) if chosen.needs_levels else None,
-              "low_density_share": float((log_s_end <= plan.log_floor).float().mean())}
+              "low_density_share": float((log_s_end <= plan.log_floor).float().mean()),
+              "trimmed_share": None if floor is None else 1 - n / drawn}
     for key in extras[0]:  # the batches' mean
         values = [e[key] for e in extras if e[key] is not None]
         report[key] = sum(values) / len(values) if values else None
     return x, report
 
+
+def _draw_batch(fields, count, cfg, plan, device):
+    """One batch of particles from index plan.offset on: (x, log s at the density's ε, the
+    sampler's report)."""
+    chosen = SAMPLERS[cfg.sampler]
+    generator = torch.Generator().manual_seed(stream_seed("sampler batch", cfg.seed, plan.offset))
+    x = _start(fields, count, cfg, plan, generator, device)
+    x, extra = chosen.run(fields, x, cfg, plan, generator)
+    if cfg.denoise:
+        score = fields.score(x, plan.end_eps)
+        if plan.log_floor > -math.inf:  # no step where the density counts as zero
+            log_s, _ = fields.log_fields(x)
+            score = torch.where((log_s > plan.log_floor).unsqueeze(1), score, torch.zeros_like(score))
+        x = x + plan.end_eps * score
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x).all(1)).sum())
+        raise BdiffError(f"{bad} particles left the finite range; try fewer --steps or another "
+                         "--sampler")
+    return x, fields.log_fields(x)[0], extra

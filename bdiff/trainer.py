@@ -20,6 +20,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth, field_loss,
                           heldout_bandwidth, log_normaliser, noise_levels, split_validation)
+from bdiff.sampler import support_floor
 
 
 VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
@@ -187,6 +188,7 @@ class Trainer:
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None
         self.flow_eps = self.flow_scores = None  # the flow density's level (choose_eps)
+        self.support_log_s = None  # the sampler's trimming floor, set when training ends
         if cfg.eps_rule == "auto":
             cfg.eps_rule = "heldout"
         if cfg.eps is not None:
@@ -229,6 +231,7 @@ class Trainer:
                 "eps_search": self.eps_scores,
                 "eps_model_search": self.eps_model_scores,
                 "flow_eps": self.flow_eps, "flow_search": self.flow_scores,
+                "support_log_s": self.support_log_s,
                 "levels": None if self.levels is None else list(self.levels),
                 "n_validation": 0 if self.val_rows is None else len(self.val_rows),
                 "validation": self.val_history}
@@ -388,6 +391,8 @@ class Trainer:
                 self.save(checkpoint_path)
             raise KeyboardInterrupt
         self.choose_eps()
+        rows = self.refs if self.val_rows is None else torch.cat([self.refs, self.val_rows])
+        self.support_log_s = support_floor(self.ema.fields_batched(rows, log=True, eps=self.eps)[0])
         if checkpoint_path:
             self.save(checkpoint_path)
         return time.perf_counter() - start

@@ -124,7 +124,7 @@ def fit_bdiff(train, test, n, seed):
                 flow_eps=density["flow_eps"], loglik_field=density["loglik_field"], loglik_unknown_z=unknown,
                 normaliser=density["normaliser"],
                 normaliser_reliable=density["normaliser_reliable"],
-                normaliser_se=density["normaliser_se"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
+                normaliser_se=density["normaliser_se"], trimmed_share=report["trimmed_share"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
                 eps_scores=trainer.eps_model_scores, model=model)
 
 

@@ -86,8 +86,12 @@ def test_evaluate_builtin_reports_mode_weights_and_field_error(tiny_checkpoint, 
                     "--json", report)
     assert result.exit_code == 0, result.stderr
     metrics = strict_json(report)
-    for key in ["mode_weight_error", "mode_weight_error_ideal", "field_error_s", "loglik_true"]:
+    for key in ["mode_weight_error", "mode_weight_error_ideal", "field_error_s", "loglik_true", "trimmed_share"]:
         assert key in metrics
+    result = invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--n", 400, "--steps", 3,
+                    "--no-trim", "--json", report, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert "trimmed_share" not in strict_json(report)
 
 
 def test_fit_protects_existing_output_and_resumes(tmp_path, data_file):
@@ -316,3 +320,16 @@ def test_sample_with_smc_reports_its_effective_sample_size(tmp_path, tiny_checkp
     assert np.isfinite(np.load(out)).all() and np.load(out).shape == (120, 2)
     share = re.search(r"smc over 6 levels, effective sample size (\d+)% before resampling", result.output)
     assert share and 0 < int(share.group(1)) <= 100, result.output
+
+
+def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_path, tiny_checkpoint):
+    """Trimmed particles are drawn again, so both give n samples; only --trim says how many."""
+    said = {}
+    for flag in ("--trim", "--no-trim"):
+        out = tmp_path / f"{flag}.npy"
+        result = invoke("sample", "-c", tiny_checkpoint, "--n", 300, "-o", out, "--steps", 8, flag)
+        assert result.exit_code == 0, result.stderr
+        assert np.load(out).shape == (300, 2) and np.isfinite(np.load(out)).all()
+        said[flag] = result.output
+    assert re.search(r"\d+\.\d+ % drawn again below the density of the data's lowest 0\.1 %", said["--trim"])
+    assert "drawn again" not in said["--no-trim"]

@@ -110,6 +110,7 @@ def _edit(meta, path, value):
     (("config", "fourier"), -3, "ourier"), (("config", "fourier"), 10**9, "ourier"),
     (("config", "fourier"), 7, "ourier"), (("config", "fourier"), 0, "ourier"),
     (("flow_eps",), -1.0, "flow_eps"), (("flow_eps",), "x", "flow_eps"), (("flow_eps",), 1e9, "flow_eps"),
+    (("support_log_s",), "x", "support_log_s"), (("support_log_s",), [1.0], "support_log_s"),
 ])
 def test_bad_metadata_is_refused_before_anything_is_allocated(tmp_path, tiny_checkpoint, path, value, message):
     _, meta = read_checkpoint(tiny_checkpoint)
@@ -236,6 +237,8 @@ def test_evaluate_refuses_sampler_options_with_given_samples(tmp_path, tiny_chec
     np.save(samples, np.zeros((50, 2)))
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--samples", samples,
                                 "--sampler", "smc"), "--samples")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--samples", samples,
+                                "--no-trim"), "--trim")
 
 
 def test_rl_refuses_agent_with_compare(tmp_path):

@@ -9,7 +9,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import log_view
 from bdiff.model import TrainedModel
 from bdiff.losses import fitted_from
-from bdiff.sampler import OracleFields, SampleConfig, level_ladder, sample
+from bdiff.sampler import OracleFields, SampleConfig, level_ladder, sample, support_floor
 
 
 def _gaussian_refs(n=3000, seed=0):
@@ -151,3 +151,50 @@ def test_smc_weights_use_log_s_only_where_the_path_ends():
     noisy, noisy_report = sample(_NoisyMiddleLevels(refs, eps, levels, last), 2000, cfg)
     assert torch.equal(clean, noisy)
     assert clean_report["final_ess"] == pytest.approx(noisy_report["final_ess"], abs=1e-9)
+
+
+def _cluster(seed=0):
+    return torch.randn(2000, 2, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+def test_samples_below_the_datas_lowest_density_are_trimmed():
+    """Langevin stopped short leaves particles between its broad start and the data, where
+    the density is below that of any data row: with the support floor at the data's own lowest
+    0.1 %, none may end there, and the n samples still come back, the trimmed ones drawn again."""
+    cluster = _cluster()
+    oracle = OracleFields(cluster, 0.01)
+    cfg = dict(sampler="precond", init="gaussian", proposal_std=1.5, steps=40, precond_step=1.0,
+               floor_rel=0.0, delta_rel=0.0, batch_size=1500)
+    stray = lambda x: int((torch.cdist(x, cluster).min(1).values > 0.2).sum())  # 2 kernel sds off every row
+    loose, loose_report = sample(oracle, 4000, SampleConfig(**cfg))
+    oracle.support_log_s = support_floor(oracle.log_fields(cluster)[0])
+    kept, report = sample(oracle, 4000, SampleConfig(**cfg))
+    assert stray(loose) >= 10 and loose_report["trimmed_share"] is None
+    assert stray(kept) == 0 and kept.shape == (4000, 2)
+    assert 0.01 < report["trimmed_share"] < 0.1
+    first = loose[:1500]  # the first batch, same seeds: its particles above the floor, unchanged
+    inside = first[oracle.log_fields(first)[0] >= oracle.support_log_s]
+    assert len(inside) < 1500 and torch.equal(kept[:len(inside)], inside)
+    untrimmed, report = sample(oracle, 4000, SampleConfig(**cfg, trim=False))
+    assert torch.equal(untrimmed, loose) and report["trimmed_share"] is None
+
+
+def test_support_floor_is_the_lowest_tenth_of_a_percent():
+    log_s = torch.arange(5000, dtype=torch.float32)
+    assert support_floor(log_s) == 4.0  # the 5th lowest of 5000: a row's own value
+    assert support_floor(torch.cat([log_s, torch.tensor([-math.inf])])) is None  # a linear s ≤ 0 somewhere
+
+
+def test_small_data_sets_no_support_floor():
+    """The lowest of n < 1000 rows stands for the lowest 1/(n + 1) of the law, not 0.1 %: on 10
+    rows of a 2-D Gaussian, trimming below it drew again 6.4 % of the samples, cutting the tails."""
+    assert support_floor(torch.arange(999, dtype=torch.float32)) is None
+    assert support_floor(torch.arange(1000, dtype=torch.float32)) == 0.0
+
+
+def test_a_model_that_misses_its_data_is_not_trimmed_forever():
+    cluster = _cluster()
+    oracle = OracleFields(cluster, 0.01, levels=(1e-3, 4.0))
+    oracle.support_log_s = float(oracle.log_fields(cluster)[0].max())  # above almost every sample
+    with pytest.raises(BdiffError, match="--no-trim"):
+        sample(oracle, 1000, SampleConfig(sampler="anneal", init="gaussian", steps=20))

@@ -14,6 +14,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.losses import bandwidth, divergence, draw_queries, log_normaliser, smoothed_targets
 from bdiff.model import TrainedModel
+from bdiff.sampler import support_floor
 from bdiff.trainer import FitConfig, Trainer
 
 from conftest import TINY
@@ -210,3 +211,22 @@ def test_batch_size_follows_the_data_size(mixture_small):
     assert batch(300) == 128
     assert batch(1200) == 1024
     assert batch(300, batch_size=512) == 512
+
+
+def test_the_checkpoint_holds_the_datas_lowest_density_for_trimming(tiny_checkpoint, mixture_small):
+    """The sampler trims particles below the density of the data's own lowest 0.1 %: fit
+    stores that log s, read at the model's ε on every row it was given (validation rows too)."""
+    model = TrainedModel.load(tiny_checkpoint)
+    rows = torch.from_numpy(model.standardizer.forward(mixture_small))
+    log_s = model.log_fields(rows)[0]
+    assert model.support_log_s == pytest.approx(support_floor(log_s), abs=1e-5)
+    assert 0 < float((log_s < model.support_log_s).float().mean()) <= 0.001
+
+
+def test_a_checkpoint_from_before_trimming_samples_untrimmed(tmp_path, tiny_checkpoint):
+    tensors, meta = read_checkpoint(tiny_checkpoint)
+    del meta["support_log_s"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"bdiff": json.dumps(meta)})
+    model = TrainedModel.load(tmp_path / "old.safetensors")
+    _, report = model.sample(200, model.sample_config(steps=5))
+    assert model.support_log_s is None and report["trimmed_share"] is None
