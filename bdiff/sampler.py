@@ -351,7 +351,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
         kept += len(x)
         batches.append(x)
         log_s_kept.append(log_s)
-        extras.append(extra)
+        extras.append((count, extra))
         if on_batch is not None:
             on_batch(kept, n)
     x, log_s_end = torch.cat(batches), torch.cat(log_s_kept)
@@ -360,9 +360,9 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
               "levels": list(fields.levels) if chosen.needs_levels else None,
               "low_density_share": float((log_s_end <= plan.log_floor).float().mean()),
               "trimmed_share": None if floor is None else 1 - n / drawn}
-    for key in extras[0]:  # the batches' mean
-        values = [e[key] for e in extras if e[key] is not None]
-        report[key] = sum(values) / len(values) if values else None
+    for key in extras[0][1]:  # the batches' mean, by particles drawn: a top-up batch is small
+        values = [(count, e[key]) for count, e in extras if e[key] is not None]
+        report[key] = sum(c * v for c, v in values) / sum(c for c, _ in values) if values else None
     return x, report
 
 

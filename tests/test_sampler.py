@@ -198,3 +198,24 @@ def test_a_model_that_misses_its_data_is_not_trimmed_forever():
     oracle.support_log_s = float(oracle.log_fields(cluster)[0].max())  # above almost every sample
     with pytest.raises(BdiffError, match="--no-trim"):
         sample(oracle, 1000, SampleConfig(sampler="anneal", init="gaussian", steps=20))
+
+
+def test_the_report_averages_batches_by_their_particles(monkeypatch):
+    """Batches of 1000, 1000 and 500 (or a few trimmed particles drawn again): the report's ESS
+    is the particles' mean, not the batches', where a small batch would count as much as a full one."""
+    from bdiff import sampler as sampler_module
+    seen = []
+
+    def recording_run(fields, x, cfg, plan, generator):
+        x, extra = sampler_module.run_smc(fields, x, cfg, plan, generator)
+        seen.append((len(x), extra["final_ess"]))
+        return x, extra
+
+    monkeypatch.setitem(sampler_module.SAMPLERS, "smc", sampler_module.Sampler(
+        recording_run, needs_levels=True, ends_at_floor=True))
+    refs = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]])
+    cfg = SampleConfig(sampler="smc", init="gaussian", steps=10, batch_size=1000)
+    _, report = sample(OracleFields(refs, 0.05, levels=(1e-3, 4.0)), 2500, cfg)
+    assert [count for count, _ in seen] == [1000, 1000, 500]
+    assert len({round(ess, 6) for _, ess in seen}) == 3
+    assert report["final_ess"] == pytest.approx(sum(c * e for c, e in seen) / 2500, abs=1e-12)
