@@ -181,10 +181,16 @@ def _start(fields, n, cfg, plan, generator, device):
 MAX_LOG_RATIO = 30.0
 
 
+def _exp(log_value):
+    """exp of a log, capped where a Python float would overflow (e^709.8): s, its floor and δ
+    pass to kernels as plain numbers, and a log-field model's log s can exceed that."""
+    return math.exp(min(log_value, 700.0))
+
+
 def _sde_step(fields, x, cfg, plan, step):
     """One step of the Bellman (plan.log_delta None) or preconditioned SDE."""
-    s_floor = math.exp(min(plan.log_floor, 700.0))
-    delta = None if plan.log_delta is None else max(math.exp(min(plan.log_delta, 700.0)), 1e-30)
+    s_floor = _exp(plan.log_floor)
+    delta = None if plan.log_delta is None else max(_exp(plan.log_delta), 1e-30)
     langevin_limit = plan.log_delta == -math.inf
     fused = getattr(fields, "fused_step", None)
     if fused is not None and not langevin_limit:  # one launch where the source has one
@@ -356,7 +362,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
             on_batch(kept, n)
     x, log_s_end = torch.cat(batches), torch.cat(log_s_kept)
     report = {"sampler": cfg.sampler, "init": cfg.init, "steps": cfg.steps, "step_size": plan.h,
-              "s_max": math.exp(min(log_s_max, 700.0)), "denoise": cfg.denoise,
+              "s_max": _exp(log_s_max), "denoise": cfg.denoise,
               "levels": list(fields.levels) if chosen.needs_levels else None,
               "low_density_share": float((log_s_end <= plan.log_floor).float().mean()),
               "trimmed_share": None if floor is None else 1 - n / drawn}
