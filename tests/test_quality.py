@@ -38,6 +38,8 @@ def test_unbalanced_mixture_is_sharp_and_weighted_right(tmp_path):
     assert np.all(_component_spread(law, values) < 1.3 * data_spread)  # Silverman: up to 2x
     assert m["mode_weight_error"] < 0.045  # measured 0.03 here (NOTES.md: a regression)
     assert m["far_share"] < 0.01
+    # the support floor: the data's lowest 0.1 % of rows at ε leaves about that share below it
+    assert model.support_log_s is not None and report["trimmed_share"] < 0.005, report["trimmed_share"]
     assert m["normaliser"] == pytest.approx(1.0, abs=0.1)
     assert m["density_nonpositive_share"] == 0.0
     assert m["loglik"] > m["loglik_true"] - 0.1
