@@ -342,16 +342,17 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
                          "(bdiff fit --eps-max, automatic for log fields)")
     plan, log_s_max = _plan(fields, cfg, device)
     floor = getattr(fields, "support_log_s", None) if cfg.trim else None
-    batches, log_s_kept, extras, kept, drawn = [], [], [], 0, 0
+    batches, log_s_kept, extras, kept, trimmed = [], [], [], 0, 0
     while kept < n:
         count = min(cfg.batch_size, n - kept)
-        x, log_s, extra = _draw_batch(fields, count, cfg, dataclasses.replace(plan, offset=drawn), device)
-        drawn += count
+        x, log_s, extra = _draw_batch(fields, count, cfg, dataclasses.replace(plan, offset=kept + trimmed),
+                                      device)
         if floor is not None:
             inside = log_s >= floor
             x, log_s = x[inside], log_s[inside]
-            if drawn - kept - len(x) > MAX_TRIMMED * n:
-                raise BdiffError(f"{drawn - kept - len(x)} of {drawn} particles ended below the density "
+            trimmed += count - len(x)
+            if trimmed > MAX_TRIMMED * n:
+                raise BdiffError(f"{trimmed} of {kept + count} particles ended below the density "
                                  "of the data's lowest 0.1 %: the model does not cover its data (train "
                                  "longer?); --no-trim keeps them")
         kept += len(x)
@@ -365,7 +366,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
               "s_max": _exp(log_s_max), "denoise": cfg.denoise,
               "levels": list(fields.levels) if chosen.needs_levels else None,
               "low_density_share": float((log_s_end <= plan.log_floor).float().mean()),
-              "trimmed_share": None if floor is None else 1 - n / drawn}
+              "trimmed_share": None if floor is None else trimmed / (n + trimmed)}
     for key in extras[0][1]:  # the batches' mean, by particles drawn: a top-up batch is small
         values = [(count, e[key]) for count, e in extras if e[key] is not None]
         report[key] = sum(c * v for c, v in values) / sum(c for c, _ in values) if values else None
