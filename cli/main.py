@@ -333,7 +333,7 @@ def _sampler_text(report):
     else:
         text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
     if report.get("final_ess") is not None:
-        text += f", effective sample size {report['final_ess']:.0%} before resampling"
+        text += f", effective sample size {report['final_ess']:.0%} before resampling at ε' = {report['weighted_to']:.3g}"
     return text
 
 

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bdiff.cli.main import app
+from bdiff.model import TrainedModel
 
 runner = CliRunner()
 FAST_FIT = ["--steps", "20", "--width", "32", "--depth", "2", "--batch-size", "128"]
@@ -318,8 +319,11 @@ def test_sample_with_smc_reports_its_effective_sample_size(tmp_path, tiny_checkp
                     "--batch-size", 50)
     assert result.exit_code == 0, result.stderr
     assert np.isfinite(np.load(out)).all() and np.load(out).shape == (120, 2)
-    share = re.search(r"smc over 6 levels, effective sample size (\d+)% before resampling", result.output)
+    share = re.search(r"smc over 6 levels, effective sample size (\d+)% before resampling at ε' = ([0-9.e+-]+)",
+                      result.output)
     assert share and 0 < int(share.group(1)) <= 100, result.output
+    model = TrainedModel.load(tiny_checkpoint)
+    assert 0.99 * min(4 * model.eps, model.levels[1]) <= float(share.group(2)) <= 1.01 * model.levels[1]
 
 
 def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_path, tiny_checkpoint):

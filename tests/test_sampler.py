@@ -9,7 +9,7 @@ from bdiff.errors import BdiffError
 from bdiff.fields import log_view
 from bdiff.model import TrainedModel
 from bdiff.losses import fitted_from
-from bdiff.sampler import OracleFields, SampleConfig, level_ladder, sample, support_floor
+from bdiff.sampler import SMC_WEIGHT_LEVEL, OracleFields, SampleConfig, level_ladder, sample, support_floor
 
 
 def _gaussian_refs(n=3000, seed=0):
@@ -122,19 +122,28 @@ def test_anneal_start_and_step_noise_are_independent(seed):
     assert float(x.var()) == pytest.approx(2.25, rel=0.03)
 
 
-class _NoisyMiddleLevels(OracleFields):
-    """Exact fields whose log s is off by up to ±3 nats at every level above the last one the
-    weights use: what a network's level-to-level errors look like, exaggerated."""
+class _PerturbedLevels(OracleFields):
+    """Exact fields whose log s is off by up to ±3 nats at the levels `perturbed` picks: what a
+    network's level-to-level errors look like, exaggerated."""
 
-    def __init__(self, refs, eps, levels, last_weighted):
+    def __init__(self, refs, eps, levels, perturbed):
         super().__init__(refs, eps, levels=levels)
-        self.last_weighted = last_weighted
+        self.perturbed = perturbed
 
     def log_fields(self, x, eps=None):
         log_s, score = super().log_fields(x, eps)
-        if eps is not None and eps > self.last_weighted * 1.0001:
+        if eps is not None and self.perturbed(eps):
             log_s = log_s + 3 * torch.sin(7 * x[:, 0] + 13 * eps)
         return log_s, score
+
+
+SMC_REFS = torch.tensor([[-1.0, 0.0], [-0.9, 0.1], [1.0, 0.5], [1.2, 0.4], [0.0, 1.5]])
+
+
+def _last_weighted(eps, levels, steps):
+    """The lowest level of the ladder at or above SMC_WEIGHT_LEVEL ε."""
+    return min(level for level in level_ladder(levels, steps, levels[0])
+               if level >= fitted_from(SMC_WEIGHT_LEVEL * eps))
 
 
 def test_smc_weights_use_log_s_only_where_the_path_ends():
@@ -143,14 +152,41 @@ def test_smc_weights_use_log_s_only_where_the_path_ends():
     whenever the running weights dipped acted on those errors; on learned fields it cloned
     particles whose weight later fell back, and one 10 000-particle batch of the unbalanced
     mixture collapsed onto its largest mode (+0.25 of its weight)."""
-    refs = torch.tensor([[-1.0, 0.0], [-0.9, 0.1], [1.0, 0.5], [1.2, 0.4], [0.0, 1.5]])
     eps, levels, steps = 0.01, (1e-3, 4.0), 40
-    last = min(level for level in level_ladder(levels, steps, levels[0]) if level >= fitted_from(eps))
+    last = _last_weighted(eps, levels, steps)
     cfg = SampleConfig(sampler="smc", init="gaussian", steps=steps, denoise=False)
-    clean, clean_report = sample(OracleFields(refs, eps, levels=levels), 2000, cfg)
-    noisy, noisy_report = sample(_NoisyMiddleLevels(refs, eps, levels, last), 2000, cfg)
+    clean, clean_report = sample(OracleFields(SMC_REFS, eps, levels=levels), 2000, cfg)
+    noisy, noisy_report = sample(_PerturbedLevels(SMC_REFS, eps, levels, lambda e: e > last * 1.0001), 2000, cfg)
     assert torch.equal(clean, noisy)
     assert clean_report["final_ess"] == pytest.approx(noisy_report["final_ess"], abs=1e-9)
+    assert clean_report["weighted_to"] == pytest.approx(last)
+
+
+def test_smc_weights_stop_above_the_bottom_of_the_densitys_fitted_range():
+    """log s is fitted from ε up and least accurate there (its leave-one-out target is most
+    biased where a query's own row dominates): weighted at ε, SMC put the mode masses of the
+    field density's worst level into the samples (mode-weight error 0.047 on the 10-D mixture,
+    0.016 on a 5-D unbalanced one, against 0.008 and 0.006 weighted at 4ε; NOTES.md). Errors of
+    log s below SMC_WEIGHT_LEVEL ε must not move a sample; the errors at the last weighted level do."""
+    eps, levels, steps = 0.01, (1e-3, 4.0), 40
+    last = _last_weighted(eps, levels, steps)
+    assert last > 2 * eps
+    cfg = SampleConfig(sampler="smc", init="gaussian", steps=steps, denoise=False)
+    clean, _ = sample(OracleFields(SMC_REFS, eps, levels=levels), 2000, cfg)
+    low, _ = sample(_PerturbedLevels(SMC_REFS, eps, levels, lambda e: e < last * 0.9999), 2000, cfg)
+    at_last, _ = sample(_PerturbedLevels(SMC_REFS, eps, levels, lambda e: abs(e / last - 1) < 1e-4), 2000, cfg)
+    assert torch.equal(clean, low)
+    assert not torch.equal(clean, at_last)
+
+
+def test_smc_weights_at_the_top_when_the_levels_end_below_the_weight_level():
+    """ε_max may lie under SMC_WEIGHT_LEVEL ε (it need only exceed 2ε): the weights then stop at
+    ε_max, the start importance-resampled to p_εmax, and the particles anneal down from there."""
+    eps, levels = 0.01, (1e-3, 0.03)
+    cfg = SampleConfig(sampler="smc", init="gaussian", steps=20, denoise=False)
+    x, report = sample(OracleFields(SMC_REFS, eps, levels=levels), 1000, cfg)
+    assert report["weighted_to"] == pytest.approx(levels[1])
+    assert float(torch.cdist(x, SMC_REFS).min(1).values.max()) < 0.3  # every sample at a row
 
 
 def _cluster(seed=0):
