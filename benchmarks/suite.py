@@ -2,7 +2,8 @@
 
     python benchmarks/suite.py                      # every data set, results/suite.json + table
     python benchmarks/suite.py --only ring,iris     # a subset
-    python benchmarks/suite.py --ablation           # also the SMC-vs-anneal sampler ablation
+    python benchmarks/suite.py --ablation           # also the SMC-vs-anneal sampler ablation, on the
+                                                    # mixtures here and four more unbalanced ones
 
 Peers: scikit-learn KernelDensity with its bandwidth chosen by 5-fold CV likelihood, a
 GaussianMixture with its number of components chosen by BIC, and a zuko neural spline flow
@@ -50,6 +51,19 @@ UNBALANCED = _mixture([0.55, 0.25, 0.15, 0.03, 0.02],
                       [[-2.0, 0.0], [2.0, 0.5], [0.0, 2.5], [0.5, -2.5], [3.0, -2.5]],
                       [np.eye(2) * s**2 for s in (0.6, 0.3, 0.45, 0.2, 0.15)])
 
+
+# unbalanced mixtures for the sampler ablation only (bdiff, no peers): far-apart modes of
+# unequal spread, a 1-D line of three, a heavy centre with five 3 % satellites, and 5-D
+I2, I5 = np.eye(2), np.eye(5)
+UNBALANCED_FAMILY = {
+    "far2": _mixture([0.9, 0.1], [[-4, 0], [4, 0]], [I2 * 1.0, I2 * 0.04]),
+    "line1d": _mixture([0.8, 0.18, 0.02], [[4.0], [0.0], [-5.0]], [[[1.0]], [[0.25]], [[0.01]]]),
+    "halo": _mixture([0.85] + [0.03] * 5,
+                     [[0, 0]] + [[3 * np.cos(a), 3 * np.sin(a)] for a in np.arange(5) * 2 * np.pi / 5],
+                     [I2 * 0.25] + [I2 * 0.0225] * 5),
+    "unbalanced5d": _mixture([0.7, 0.2, 0.08, 0.02], np.random.default_rng(7).normal(0, 3, (4, 5)),
+                             [I5 * s * s for s in (1.0, 0.5, 0.3, 0.2)]),
+}
 
 def _ring(n, rng):
     angle = rng.uniform(0, 2 * np.pi, n)
@@ -237,7 +251,7 @@ def reference_scores(train, test, law, seed=0):
 
 
 def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
-    """SMC (annealing importance-weighted by the learned log s at ε, resampled once) against
+    """SMC (annealing importance-weighted by the learned log s at 4ε, resampled once) against
     annealing alone, on the same trained model. Mode weights are scored against the law and
     against the training rows: the model only saw the latter, so a sampler that reproduces
     its training rows exactly is off the law by what those rows are."""
@@ -257,6 +271,23 @@ def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def ablation_family(seed, out, names):
+    """Fit bdiff with its defaults on 10 000 rows of each UNBALANCED_FAMILY law and run the
+    ablation on it; results to `out` (the main table has no row for these)."""
+    results = json.load(open(out)) if os.path.exists(out) else {}
+    for name in names:
+        if name not in UNBALANCED_FAMILY:
+            continue
+        law = UNBALANCED_FAMILY[name]
+        train, test = _drawn(law.sample, 10000, 10000)()
+        fitted = fit_bdiff(train, test, 10_000, seed)
+        results[name] = {"rows": [len(train), len(test)], "dim": train.shape[1], "fit_s": fitted["fit_s"],
+                         "ablation": ablation(fitted["model"], test, train, law)}
+        with open(out, "w") as handle:
+            json.dump(results, handle, indent=1, allow_nan=False)
+    return results
 
 
 def ablation_table(results):
@@ -282,7 +313,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    names = args.only.split(",") if args.only else list(DATASETS)
+    names = [name for name in args.only.split(",") if name in DATASETS] if args.only else list(DATASETS)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     for name in names:
         loader, law = DATASETS[name]
@@ -303,9 +334,12 @@ def main():
                 entry["ablation"] = ablation(model, test, train, law)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1, allow_nan=False)
+    if args.ablation:
+        family = ablation_family(args.seed, os.path.join(os.path.dirname(args.out), "ablation.json"),
+                                 args.only.split(",") if args.only else list(UNBALANCED_FAMILY))
     print(table(results))
     if args.ablation:
-        print(ablation_table(results))
+        print(ablation_table({**results, **family}))
 
 
 def table(results):
