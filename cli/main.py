@@ -276,7 +276,7 @@ def sample_command(
     sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
                                           "(preconditioned SDE), anneal (down the noise levels) or "
                                           "smc (annealing, its paths importance-weighted by the "
-                                          "learned density at its ε and resampled there). "
+                                          "learned density at 4ε and resampled there). "
                                           "Default: anneal for models with noise levels (all fits "
                                           "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
