@@ -65,6 +65,7 @@ UNBALANCED_FAMILY = {
                              [I5 * s * s for s in (1.0, 0.5, 0.3, 0.2)]),
 }
 
+
 def _ring(n, rng):
     angle = rng.uniform(0, 2 * np.pi, n)
     radius = 2 + rng.normal(0, 0.05, n)
@@ -277,9 +278,7 @@ def ablation_family(seed, out, names):
     """Fit bdiff with its defaults on 10 000 rows of each UNBALANCED_FAMILY law and run the
     ablation on it; results to `out` (the main table has no row for these)."""
     results = json.load(open(out)) if os.path.exists(out) else {}
-    for name in names:
-        if name not in UNBALANCED_FAMILY:
-            continue
+    for name in (name for name in names if name in UNBALANCED_FAMILY):
         law = UNBALANCED_FAMILY[name]
         train, test = _drawn(law.sample, 10000, 10000)()
         fitted = fit_bdiff(train, test, 10_000, seed)
@@ -313,7 +312,12 @@ def main():
     parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    names = [name for name in args.only.split(",") if name in DATASETS] if args.only else list(DATASETS)
+    only = args.only.split(",") if args.only else None
+    unknown = set(only or ()) - set(DATASETS) - set(UNBALANCED_FAMILY)
+    if unknown:
+        parser.error(f"unknown data sets {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join([*DATASETS, *UNBALANCED_FAMILY])}")
+    names = [name for name in only if name in DATASETS] if only else list(DATASETS)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     for name in names:
         loader, law = DATASETS[name]
@@ -336,7 +340,7 @@ def main():
             json.dump(results, handle, indent=1, allow_nan=False)
     if args.ablation:
         family = ablation_family(args.seed, os.path.join(os.path.dirname(args.out), "ablation.json"),
-                                 args.only.split(",") if args.only else list(UNBALANCED_FAMILY))
+                                 only or list(UNBALANCED_FAMILY))
     print(table(results))
     if args.ablation:
         print(ablation_table({**results, **family}))
