@@ -115,8 +115,8 @@ def _log_det(scale):
     return float(np.log(scale.std).sum())
 
 
-def fit_bdiff(train, test, n, seed):
-    from bdiff.metrics import held_out_loglik
+def train_bdiff(train, seed):
+    """bdiff fitted with its CLI defaults: (the saved model, fit seconds, the trainer)."""
     from bdiff.model import TrainedModel
     from bdiff.trainer import FitConfig, Trainer
     with tempfile.TemporaryDirectory() as folder:
@@ -125,7 +125,12 @@ def fit_bdiff(train, test, n, seed):
         trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed))
         trainer.run(path)
         fit_s = time.perf_counter() - start
-        model = TrainedModel.load(path)
+        return TrainedModel.load(path), fit_s, trainer
+
+
+def fit_bdiff(train, test, n, seed):
+    from bdiff.metrics import held_out_loglik
+    model, fit_s, trainer = train_bdiff(train, seed)
     start = time.perf_counter()
     x, report = model.sample(n, model.sample_config(seed=seed))
     sample_s = time.perf_counter() - start
@@ -281,9 +286,9 @@ def ablation_family(seed, out, names):
     for name in (name for name in names if name in UNBALANCED_FAMILY):
         law = UNBALANCED_FAMILY[name]
         train, test = _drawn(law.sample, 10000, 10000)()
-        fitted = fit_bdiff(train, test, 10_000, seed)
-        results[name] = {"rows": [len(train), len(test)], "dim": train.shape[1], "fit_s": fitted["fit_s"],
-                         "ablation": ablation(fitted["model"], test, train, law)}
+        model, fit_s, _ = train_bdiff(train, seed)
+        results[name] = {"rows": [len(train), len(test)], "dim": train.shape[1], "fit_s": fit_s,
+                         "ablation": ablation(model, test, train, law)}
         with open(out, "w") as handle:
             json.dump(results, handle, indent=1, allow_nan=False)
     return results
@@ -338,11 +343,10 @@ def main():
                 entry["ablation"] = ablation(model, test, train, law)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1, allow_nan=False)
+    print(table(results))
     if args.ablation:
         family = ablation_family(args.seed, os.path.join(os.path.dirname(args.out), "ablation.json"),
                                  only or list(UNBALANCED_FAMILY))
-    print(table(results))
-    if args.ablation:
         print(ablation_table({**results, **family}))
 
 
