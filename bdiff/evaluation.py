@@ -10,6 +10,7 @@ from bdiff.datasets import BUILTINS
 from bdiff.errors import BdiffError
 from bdiff.images import image_metrics, is_digits_shape, pixel_metrics
 from bdiff.metrics import evaluate, quality_warnings
+from bdiff.sampler import sampler_warnings
 from bdiff.model import TrainedModel
 
 DEFAULT_SAMPLES = 10_000
@@ -83,8 +84,8 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))
-    for name in ("low_density_share", "trimmed_share", "final_ess"):
+    for name in ("low_density_share", "trimmed_share", "final_ess", "pareto_k"):
         if report.get(name) is not None:
             metrics[name] = report[name]
-    warnings += quality_warnings(metrics)
+    warnings += quality_warnings(metrics) + sampler_warnings(report)
     return Evaluation(metrics, model, str(data), heldout, train_values, values, shape, law, warnings)

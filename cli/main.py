@@ -276,7 +276,8 @@ def sample_command(
     sampler: Optional[str] = typer.Option(None, help="bellman (the paper's SDE), precond "
                                           "(preconditioned SDE), anneal (down the noise levels) or "
                                           "smc (annealing, its paths importance-weighted by the "
-                                          "learned density at 4ε and resampled there). "
+                                          "learned density at 4ε, the weights Pareto-smoothed, and "
+                                          "resampled there; a warning when they stay heavy-tailed). "
                                           "Default: anneal for models with noise levels (all fits "
                                           "with the defaults), bellman for linear fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
@@ -313,6 +314,7 @@ def sample_command(
       bdiff sample -c digits.safetensors --n 2000 -o digits.npy --sampler anneal --steps 400
     """
     from bdiff.data import check_output, save_array
+    from bdiff.sampler import sampler_warnings
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
     check_output(output, (".npy", ".csv"), replace=force, inputs=(checkpoint,))
@@ -325,6 +327,8 @@ def sample_command(
     if report["trimmed_share"] is not None:
         line += f"; {100 * report['trimmed_share']:.2f} % drawn again below the density of the data's lowest 0.1 %"
     say(line)
+    for warning in sampler_warnings(report):
+        tell(f"warning: {warning}")
 
 
 def _sampler_text(report):
@@ -333,7 +337,9 @@ def _sampler_text(report):
     else:
         text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
     if report.get("final_ess") is not None:
-        text += f", effective sample size {report['final_ess']:.0%} before resampling at ε' = {report['weighted_to']:.3g}"
+        smoothing = "" if report.get("pareto_k") is None else f", Pareto-smoothed (k̂ {report['pareto_k']:.2f})"
+        text += (f", effective sample size {report['final_ess']:.0%}{smoothing} before resampling at "
+                 f"ε' = {report['weighted_to']:.3g}")
     return text
 
 

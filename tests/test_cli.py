@@ -319,11 +319,27 @@ def test_sample_with_smc_reports_its_effective_sample_size(tmp_path, tiny_checkp
                     "--batch-size", 50)
     assert result.exit_code == 0, result.stderr
     assert np.isfinite(np.load(out)).all() and np.load(out).shape == (120, 2)
-    share = re.search(r"smc over 6 levels, effective sample size (\d+)% before resampling at ε' = ([0-9.e+-]+)",
-                      result.output)
+    share = re.search(r"smc over 6 levels, effective sample size (\d+)%, Pareto-smoothed \(k̂ (-?[0-9.]+)\) "
+                      r"before resampling at ε' = ([0-9.e+-]+)", result.output)
     assert share and 0 < int(share.group(1)) <= 100, result.output
+    assert -1 < float(share.group(2)) < 2
     model = TrainedModel.load(tiny_checkpoint)
-    assert 0.99 * min(4 * model.eps, model.levels[1]) <= float(share.group(2)) <= 1.01 * model.levels[1]
+    assert 0.99 * min(4 * model.eps, model.levels[1]) <= float(share.group(3)) <= 1.01 * model.levels[1]
+
+
+def test_sample_and_evaluate_warn_when_smcs_weights_are_heavy_tailed(tmp_path, tiny_checkpoint, monkeypatch):
+    """Pareto k̂ above 0.7: the smoothed weights still rest on a few particles (Vehtari et al.)."""
+    from bdiff import sampler as sampler_module
+    monkeypatch.setattr(sampler_module, "_pareto_smoothed", lambda log_w: (log_w.double(), 0.93))
+    result = invoke("sample", "-c", tiny_checkpoint, "--n", 60, "-o", tmp_path / "s.npy", "--steps", 6,
+                    "--sampler", "smc")
+    assert result.exit_code == 0, result.stderr
+    assert "k̂ 0.93" in result.output
+    assert "warning: SMC's importance weights are heavy-tailed (Pareto k̂ 0.93 > 0.7)" in result.stderr
+    result = invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--n", 60, "--steps", 6,
+                    "--sampler", "smc")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: SMC's importance weights are heavy-tailed" in result.stderr
 
 
 def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_path, tiny_checkpoint):
