@@ -257,8 +257,9 @@ def reference_scores(train, test, law, seed=0):
 
 
 def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
-    """SMC (annealing importance-weighted by the learned log s at 4ε, resampled once) against
-    annealing alone, on the same trained model. Mode weights are scored against the law and
+    """SMC (annealing importance-weighted by the learned log s at 4ε, the weights Pareto-smoothed,
+    resampled once) against annealing alone, on the same trained model. Mode weights are scored
+    against the law and
     against the training rows: the model only saw the latter, so a sampler that reproduces
     its training rows exactly is off the law by what those rows are."""
     train_weights = mode_weights(law, train)
@@ -273,7 +274,8 @@ def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
                    "c2st": c2st(samples, test, seed),
                    "mode_weight_error": mode_weight_error(law, samples),
                    "mode_weight_error_train": mode_weight_error(law, samples, train_weights),
-                   "final_ess": report.get("final_ess")}
+                   "final_ess": report.get("final_ess"), "unsmoothed_ess": report.get("unsmoothed_ess"),
+                   "pareto_k": report.get("pareto_k")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
