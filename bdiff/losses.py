@@ -1,6 +1,7 @@
 """Gaussian-smoothed field matching: the query proposal, the targets and the three losses."""
 import math
 
+import numpy as np
 import torch
 
 from bdiff.backend import draw, field_matching
@@ -109,9 +110,42 @@ def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator, spr
     return queries, exclude
 
 
-def smoothed_data_queries(refs, batch, eps, generator):
-    """x ~ p_ε: data plus N(0, εI), the weighting under which integration by parts holds."""
-    source = draw(torch.randint, len(refs), (batch,), generator=generator, device=refs.device)
+BALANCE_FIT_ROWS = 2000  # rows the clustering of balanced_query_weights is fitted on
+BALANCE_MAX_CLUSTERS = 8
+
+
+def balanced_query_weights(rows, power, seed):
+    """Per-row weights that draw the level queries' source rows in proportion to
+    (share of the row's cluster)^-power rather than uniformly: clusters from a Gaussian mixture
+    chosen by BIC (scikit-learn) on up to BALANCE_FIT_ROWS rows. A small mode gets few queries
+    with uniform sources, and the score network, stopped by its step budget, fits it last: on a
+    5-D mixture with 8 % and 2 % modes annealing left them light (mode-weight error against the
+    training rows 0.019; 0.006 at power 1; NOTES.md). The targets do not change, only where the
+    regression looks; a ring or a checkerboard, split into clusters of equal share, keeps
+    uniform sources."""
+    from sklearn.mixture import GaussianMixture
+
+    values = rows.double().cpu().numpy()
+    fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
+    best, best_bic = None, math.inf
+    for k in range(1, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2) + 1):
+        mixture = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(fit_rows)
+        bic = mixture.bic(fit_rows)
+        if bic < best_bic:
+            best, best_bic = mixture, bic
+    labels = best.predict(values)
+    share = np.bincount(labels, minlength=best.n_components) / len(labels)
+    return torch.as_tensor(share[labels] ** -power, dtype=torch.float64, device=rows.device)
+
+
+def smoothed_data_queries(refs, batch, eps, generator, weights=None):
+    """x ~ p_ε: data plus N(0, εI), the weighting under which integration by parts holds;
+    with `weights`, the source rows drawn in proportion to them (balanced_query_weights)."""
+    if weights is None:
+        source = draw(torch.randint, len(refs), (batch,), generator=generator, device=refs.device)
+    else:
+        source = torch.multinomial(weights.to(generator.device), batch, replacement=True,
+                                   generator=generator).to(refs.device)
     noise = draw(torch.randn, batch, refs.shape[1], generator=generator, device=refs.device) * math.sqrt(eps)
     return refs[source] + noise, source
 
@@ -129,10 +163,11 @@ def divergence(g, x, generator=None, sliced=False):
     return torch.stack(parts, 1).sum(1)
 
 
-def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
-    """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats)."""
+def field_loss(model, refs, eps, log_c, cfg, generator, backend=None, source_weights=None):
+    """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats).
+    source_weights: how level models draw their queries' rows (balanced_query_weights)."""
     if model.param == "log":
-        return _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend)
+        return _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend, source_weights)
     queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,
                                     cfg.broad_std, generator)
     with torch.no_grad():
@@ -151,7 +186,7 @@ def field_loss(model, refs, eps, log_c, cfg, generator, backend=None):
     return loss_grad + cfg.id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
 
 
-def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
+def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend, source_weights=None):
     """The same fields regressed in the log domain: log s onto log ŝ - log C and ∇log s onto
     the kernel's weighted mean (y - x)/ε. ε·‖·‖² puts the score in nats per sqrt(ε) step.
     Level-conditioned fields take the batch in groups, one noise level each."""
@@ -173,7 +208,7 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend):
             # a share spread WIDE_NOISE times wider pins log s down between nearby rows, where
             # it would otherwise extrapolate and the density's mass leak (NOTES.md)
             n_data, n_wide = size // 4, int(cfg.wide_share * size)
-            q, exclude = smoothed_data_queries(refs, size, level, generator)
+            q, exclude = smoothed_data_queries(refs, size, level, generator, source_weights)
             q[:n_data] = refs[exclude[:n_data]]
             q[size - n_wide:] += (q[size - n_wide:] - refs[exclude[size - n_wide:]]) * (WIDE_NOISE - 1)
         queries.append(q)

@@ -18,8 +18,9 @@ from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_
 from bdiff.density import reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
-from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth, field_loss,
-                          heldout_bandwidth, log_normaliser, noise_levels, split_validation)
+from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, balanced_query_weights,
+                          bandwidth, field_loss, heldout_bandwidth, log_normaliser, noise_levels,
+                          split_validation)
 from bdiff.sampler import support_floor
 
 
@@ -94,6 +95,9 @@ class FitConfig:
     #                              (sharp edges and thin supports: spiral
     #                              held-out log-likelihood -1.86 -> -1.28, far samples 0.38 % -> 0.03 %),
     #                              else 0 (digits FD 3.9 -> 4.0 with 64, not better; NOTES.md)
+    query_balance: float = 0.0   # level models: query rows drawn ∝ (their cluster's share)^-this;
+    #                              0: uniform (1 lifted a 5-D mixture's 2 % mode but cost the small
+    #                              tables' likelihood, diabetes 25.6 -> 22.6; NOTES.md)
     max_refs: int = 4096         # references per step: all data up to this, else a random subset
     #                              (the targets stay unbiased; see NOTES.md for the measured trade)
     ema: float = 0.999
@@ -136,6 +140,9 @@ class FitConfig:
             raise BdiffError(f"--eps-max must be 0 (no levels) or a positive variance, got {self.eps_max}")
         if self.eps_floor is not None and not (1e-8 <= self.eps_floor <= 100):
             raise BdiffError(f"--eps-floor {self.eps_floor} is outside the sensible range [1e-8, 100]")
+        if not 0 <= self.query_balance <= 1:
+            raise BdiffError(f"--query-balance must lie in [0, 1] (0: uniform query rows, 1: every "
+                             f"cluster alike), got {self.query_balance}")
         if not 0 <= self.val_fraction < 0.5 or self.eval_every < 1 or self.patience < 0:
             raise BdiffError("validation settings need 0 <= val_fraction < 0.5, eval_every >= 1, "
                              "patience >= 0")
@@ -207,6 +214,7 @@ class Trainer:
         if cfg.fourier is None:
             low_dim_table = not image and self.dim <= FOURIER_MAX_DIM
             cfg.fourier = FOURIER_FEATURES if self.levels is not None and low_dim_table else 0
+        self.source_weights = self._source_weights()
         self._build()
         self.step = 0
         self.log_c = log_normaliser(self.refs, self.eps, self.generator, backend=cfg.backend)
@@ -214,6 +222,11 @@ class Trainer:
             self.val_rows, self.refs, self.eps, self.log_c, self.levels, self.generator, cfg.backend)
         self.best_val, self.stale, self.val_history = math.inf, 0, []
         self.first_val = self.progress_val = None
+
+    def _source_weights(self):
+        if self.levels is None or not self.cfg.query_balance:
+            return None
+        return balanced_query_weights(self.refs, self.cfg.query_balance, self.cfg.seed)
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)
@@ -265,6 +278,7 @@ class Trainer:
         self.flow_eps, self.flow_scores = meta.get("flow_eps"), meta.get("flow_search")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
+        self.source_weights = self._source_weights()
         try:
             self._build()
             self.model.load_state_dict(split_state(tensors, "model"))
@@ -285,8 +299,9 @@ class Trainer:
     def train_step(self):
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
-        loss, loss_grad, loss_id = field_loss(self.model, self.refs_for_step(), self.eps_train,
-                                              self.log_c, self.cfg, self.generator, self.cfg.backend)
+        refs, source_weights = self.refs_for_step()
+        loss, loss_grad, loss_id = field_loss(self.model, refs, self.eps_train, self.log_c, self.cfg,
+                                              self.generator, self.cfg.backend, source_weights)
         if not math.isfinite(loss.item()):
             raise BdiffError(f"training diverged at step {self.step} (loss {loss.item()}); "
                              "try a smaller --lr or a larger --eps")
@@ -301,9 +316,12 @@ class Trainer:
         return loss.item(), loss_grad, loss_id
 
     def refs_for_step(self):
+        """This step's references (all rows up to max_refs, else a random subset) and the
+        weights their queries' rows are drawn by (None: uniform)."""
         if len(self.refs) <= self.cfg.max_refs:
-            return self.refs
-        return self.refs[torch.randperm(len(self.refs), generator=self.generator)[:self.cfg.max_refs]]
+            return self.refs, self.source_weights
+        chosen = torch.randperm(len(self.refs), generator=self.generator)[:self.cfg.max_refs]
+        return self.refs[chosen], None if self.source_weights is None else self.source_weights[chosen]
 
     def validate(self):
         """The field loss of the EMA fields on the validation rows; True when training should

@@ -130,6 +130,13 @@ def fit(
                                           "the fields follow sharp edges and thin supports. 0: "
                                           "plain input. Default: 32 for tables of up to 4 columns "
                                           "with noise levels, else 0."),
+    query_balance: float = typer.Option(0.0, help="Noise-level training draws "
+                                        "its query rows ∝ (share of the row's cluster)^-this, "
+                                        "clusters from a BIC Gaussian mixture: 1 trains every "
+                                        "cluster alike, 0 (default) follows the data. 1 lifted the "
+                                        "small modes of 5-D mixtures (mode-weight error 0.0155 -> "
+                                        "0.0107 on one) but lost likelihood on small real tables "
+                                        "(diabetes 25.6 -> 22.6; README)."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
@@ -165,7 +172,7 @@ def fit(
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, fourier=fourier,
-                    pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth,
+                    query_balance=query_balance, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth,
                     seed=seed, device=device, backend=backend, checkpoint_every=checkpoint_every)
     with output_lock(output):
         if len(loaded.values) >= PREPARE_NOTICE_ROWS:

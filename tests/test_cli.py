@@ -135,6 +135,7 @@ def test_fit_bad_data(tmp_path, content, message):
     (["--level-sampling", "cubic"], "unknown --level-sampling"),
     (["--level-sampling", "log-normal", "--eps-max", "0"], "needs noise levels"),
     (["--fourier", "-2"], "--fourier"), (["--fourier", "100000"], "--fourier"),
+    (["--query-balance", "1.5"], "--query-balance"), (["--query-balance", "nan"], "--query-balance"),
 ])
 def test_fit_bad_options(tmp_path, data_file, option, message):
     assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT, *option),

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from bdiff.checkpoint import read_checkpoint
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
-from bdiff.losses import bandwidth, divergence, draw_queries, log_normaliser, smoothed_targets
+from bdiff.losses import (balanced_query_weights, bandwidth, divergence, draw_queries, log_normaliser,
+                          smoothed_data_queries, smoothed_targets)
 from bdiff.model import TrainedModel
 from bdiff.sampler import support_floor
 from bdiff.trainer import FitConfig, Trainer
@@ -127,7 +128,8 @@ def test_resume_refuses_other_data(tmp_path, mixture_small):
 
 def test_bad_config_values(mixture_small):
     for bad in [dict(eps=0.0), dict(eps=1e9), dict(eps=float("nan")), dict(lr=-1.0),
-                dict(grad_loss="nope"), dict(steps=0), dict(device="tpu")]:
+                dict(grad_loss="nope"), dict(steps=0), dict(device="tpu"), dict(query_balance=-0.5),
+                dict(query_balance=float("nan")), dict(query_balance=2.0)]:
         with pytest.raises(BdiffError):
             _tiny_trainer(mixture_small, **bad)
 
@@ -211,6 +213,48 @@ def test_batch_size_follows_the_data_size(mixture_small):
     assert batch(300) == 128
     assert batch(1200) == 1024
     assert batch(300, batch_size=512) == 512
+
+
+def _two_clusters(rows=2000, small_share=0.05, seed=0):
+    """A broad cluster and a small sharp one far from it, standardised-scale."""
+    rng = np.random.default_rng(seed)
+    small = int(rows * small_share)
+    return torch.as_tensor(np.concatenate([rng.normal(0, 1, (rows - small, 2)),
+                                           rng.normal(6, 0.2, (small, 2))]))
+
+
+def test_balanced_query_weights_give_each_cluster_the_same_share():
+    """A 5 % cluster gets half the level queries at power 1, sqrt(0.05 / 0.95) of the big one's
+    at 1/2 (the queries follow share^(1 - power)); a single cluster keeps uniform rows."""
+    rows = _two_clusters()
+    in_small = torch.arange(len(rows)) >= 1900
+    for power, expected in ((1.0, 0.5), (0.5, 0.05**0.5 / (0.05**0.5 + 0.95**0.5))):
+        weights = balanced_query_weights(rows, power, seed=0)
+        assert float(weights[in_small].sum() / weights.sum()) == pytest.approx(expected, abs=0.01)
+    one = torch.as_tensor(np.random.default_rng(1).normal(0, 1, (2000, 2)))
+    weights = balanced_query_weights(one, 1.0, seed=0)
+    assert float(weights.max() / weights.min()) == pytest.approx(1.0)
+
+
+def test_level_queries_draw_their_rows_by_the_source_weights():
+    rows = _two_clusters()
+    weights = torch.zeros(len(rows), dtype=torch.float64)
+    weights[1900:] = 1.0  # only the small cluster's rows
+    queries, source = smoothed_data_queries(rows, 500, 0.01, torch.Generator().manual_seed(0), weights)
+    assert bool((source >= 1900).all())
+    assert float((queries - rows[source]).std()) == pytest.approx(0.1, rel=0.1)
+
+
+def test_query_balance_weights_the_level_queries_and_each_step_keeps_its_rows_weights(mixture_small):
+    """query_balance 0 (the default) draws query rows uniformly; above 0 by cluster, and a step's
+    reference subset carries its own rows' weights."""
+    uniform = Trainer(mixture_small, FitConfig(steps=1, width=16, depth=1))
+    assert uniform.source_weights is None and uniform.refs_for_step()[1] is None
+    trainer = Trainer(mixture_small, FitConfig(steps=1, width=16, depth=1, max_refs=100, query_balance=1.0))
+    assert trainer.source_weights is not None and len(trainer.source_weights) == len(trainer.refs)
+    trainer.source_weights = 1.0 + trainer.refs[:, 0].double().abs()  # a weight each row can be told by
+    refs, weights = trainer.refs_for_step()
+    assert len(refs) == 100 and torch.equal(weights, 1.0 + refs[:, 0].double().abs())
 
 
 def test_the_checkpoint_holds_the_datas_lowest_density_for_trimming(tiny_checkpoint, mixture_small):
