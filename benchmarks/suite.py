@@ -4,6 +4,8 @@
     python benchmarks/suite.py --only ring,iris     # a subset
     python benchmarks/suite.py --ablation           # also the SMC-vs-anneal sampler ablation, on the
                                                     # mixtures here and four more unbalanced ones
+    python benchmarks/suite.py --methods bdiff --ablation --query-balance 1 \
+        --out benchmarks/results/suite_query_balance.json   # bdiff fitted with --query-balance 1
 
 Peers: scikit-learn KernelDensity with its bandwidth chosen by 5-fold CV likelihood, a
 GaussianMixture with its number of components chosen by BIC, and a zuko neural spline flow
@@ -115,14 +117,17 @@ def _log_det(scale):
     return float(np.log(scale.std).sum())
 
 
+FIT_OPTIONS = {}  # bdiff's fit options beside the CLI defaults (--query-balance)
+
+
 def train_bdiff(train, seed):
-    """bdiff fitted with its CLI defaults: (the saved model, fit seconds, the trainer)."""
+    """bdiff fitted with its CLI defaults and FIT_OPTIONS: (the saved model, fit seconds, the trainer)."""
     from bdiff.model import TrainedModel
     from bdiff.trainer import FitConfig, Trainer
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.safetensors")
         start = time.perf_counter()
-        trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed))
+        trainer = Trainer(train.astype(np.float32), FitConfig(seed=seed, **FIT_OPTIONS))
         trainer.run(path)
         fit_s = time.perf_counter() - start
         return TrainedModel.load(path), fit_s, trainer
@@ -317,7 +322,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
+    parser.add_argument("--query-balance", type=float, default=0.0, help="bdiff fit --query-balance")
     args = parser.parse_args()
+    FIT_OPTIONS["query_balance"] = args.query_balance
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     only = args.only.split(",") if args.only else None
     unknown = set(only or ()) - set(DATASETS) - set(UNBALANCED_FAMILY)
@@ -347,7 +354,9 @@ def main():
             json.dump(results, handle, indent=1, allow_nan=False)
     print(table(results))
     if args.ablation:
-        family = ablation_family(args.seed, os.path.join(os.path.dirname(args.out), "ablation.json"),
+        folder, name = os.path.split(args.out)
+        family_out = os.path.join(folder, name.replace("suite", "ablation"))
+        family = ablation_family(args.seed, family_out,
                                  only or list(UNBALANCED_FAMILY))
         print(ablation_table({**results, **family}))
 
