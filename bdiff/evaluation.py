@@ -10,8 +10,8 @@ from bdiff.datasets import BUILTINS
 from bdiff.errors import BdiffError
 from bdiff.images import image_metrics, is_digits_shape, pixel_metrics
 from bdiff.metrics import evaluate, quality_warnings
-from bdiff.sampler import sampler_warnings
 from bdiff.model import TrainedModel
+from bdiff.sampler import sampler_warnings
 
 DEFAULT_SAMPLES = 10_000
 SAMPLING_OPTIONS = ("n", "sampler", "init", "steps", "denoise", "trim")

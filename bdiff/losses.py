@@ -126,9 +126,11 @@ def balanced_query_weights(rows, power, seed):
     from sklearn.mixture import GaussianMixture
 
     values = rows.double().cpu().numpy()
+    if len(values) < 2:  # one row is one cluster
+        return torch.ones(len(values), dtype=torch.float64, device=rows.device)
     fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
     best, best_bic = None, math.inf
-    for k in range(1, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2) + 1):
+    for k in range(1, max(1, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2)) + 1):
         mixture = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(fit_rows)
         bic = mixture.bic(fit_rows)
         if bic < best_bic:

@@ -279,10 +279,10 @@ def _pareto_smoothed(log_w):
     2.8 % of a batch (the 1-D line mixture, NOTES.md). PSIS replaces the largest weights by the
     quantiles of a generalized Pareto fitted to them; its shape k̂ above 0.7 says the weights are
     too heavy-tailed to trust. k̂ is None where the batch is too small or its tail tied."""
-    from arviz_stats.base import array_stats
-
     if len(log_w) < PSIS_MIN_PARTICLES:
         return log_w.double(), None
+    from arviz_stats.base import array_stats
+
     with np.errstate(divide="ignore", invalid="ignore"):  # a tail of ties divides by zero
         try:  # psislw takes log-likelihoods, PSIS-LOO's convention: log weights are their negatives
             smoothed, k_hat = array_stats.psislw(-log_w.double().cpu().numpy())

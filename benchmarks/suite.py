@@ -264,9 +264,8 @@ def reference_scores(train, test, law, seed=0):
 def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
     """SMC (annealing importance-weighted by the learned log s at 4ε, the weights Pareto-smoothed,
     resampled once) against annealing alone, on the same trained model. Mode weights are scored
-    against the law and
-    against the training rows: the model only saw the latter, so a sampler that reproduces
-    its training rows exactly is off the law by what those rows are."""
+    against the law and against the training rows: the model only saw the latter, so a sampler
+    that reproduces its training rows exactly is off the law by what those rows are."""
     train_weights = mode_weights(law, train)
     rows = []
     for sampler in ("anneal", "smc"):
@@ -356,8 +355,7 @@ def main():
     if args.ablation:
         folder, name = os.path.split(args.out)
         family_out = os.path.join(folder, name.replace("suite", "ablation"))
-        family = ablation_family(args.seed, family_out,
-                                 only or list(UNBALANCED_FAMILY))
+        family = ablation_family(args.seed, family_out, only or list(UNBALANCED_FAMILY))
         print(ablation_table({**results, **family}))
 
 

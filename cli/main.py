@@ -172,8 +172,9 @@ def fit(
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, fourier=fourier,
-                    query_balance=query_balance, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch, width=width, depth=depth,
-                    seed=seed, device=device, backend=backend, checkpoint_every=checkpoint_every)
+                    query_balance=query_balance, pixel_logit=pixel_logit, grad_loss=grad_loss, arch=arch,
+                    width=width, depth=depth, seed=seed, device=device, backend=backend,
+                    checkpoint_every=checkpoint_every)
     with output_lock(output):
         if len(loaded.values) >= PREPARE_NOTICE_ROWS:
             tell(f"preparing {loaded.source}: {len(loaded.values)} rows; choosing ε and log C first")

@@ -142,6 +142,16 @@ def test_fit_bad_options(tmp_path, data_file, option, message):
                          message)
 
 
+def test_fit_with_query_balance_trains_and_records_it(tmp_path, data_file):
+    from bdiff.checkpoint import read_checkpoint
+    out = tmp_path / "m.safetensors"
+    result = invoke("fit", data_file, "-o", out, *FAST_FIT, "--query-balance", "1")
+    assert result.exit_code == 0, result.stderr
+    assert read_checkpoint(out)[1]["config"]["query_balance"] == 1.0
+    result = invoke("sample", "-c", out, "--n", 50, "-o", tmp_path / "s.npy", "--steps", 5)
+    assert result.exit_code == 0, result.stderr
+
+
 def test_fit_missing_file_and_unwritable_output(tmp_path, data_file, monkeypatch):
     assert_clean_failure(invoke("fit", tmp_path / "nope.npy"), "no such file")
     assert_clean_failure(invoke("fit", "nonsense"), "built-in")

@@ -234,6 +234,8 @@ def test_balanced_query_weights_give_each_cluster_the_same_share():
     one = torch.as_tensor(np.random.default_rng(1).normal(0, 1, (2000, 2)))
     weights = balanced_query_weights(one, 1.0, seed=0)
     assert float(weights.max() / weights.min()) == pytest.approx(1.0)
+    for few in (1, 2, 3):  # too few rows for more than one cluster
+        assert torch.equal(balanced_query_weights(one[:few], 1.0, seed=0), torch.ones(few, dtype=torch.float64))
 
 
 def test_level_queries_draw_their_rows_by_the_source_weights():
