@@ -405,7 +405,9 @@ def evaluate(
     trimmed_share of particles below the density of the data's lowest 0.1 % (--no-trim keeps
     them); on images pixel_outside_share,
     blank_pixel_sd (beside the data's) and pixel_w1; outside_range_share the
-    share outside the data's range widened by 10%.
+    share outside the data's range widened by 10%. With --sampler smc: final_ess, the
+    effective sample size of its Pareto-smoothed weights, and pareto_k, their tail shape
+    (above 0.7 a warning: the samples rest on few particles).
 
     Examples:
 

@@ -348,9 +348,11 @@ def test_sample_and_evaluate_warn_when_smcs_weights_are_heavy_tailed(tmp_path, t
     assert "k̂ 0.93" in result.output
     assert "warning: SMC's importance weights are heavy-tailed (Pareto k̂ 0.93 > 0.7)" in result.stderr
     result = invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--n", 60, "--steps", 6,
-                    "--sampler", "smc")
+                    "--sampler", "smc", "--json", tmp_path / "m.json")
     assert result.exit_code == 0, result.stderr
     assert "warning: SMC's importance weights are heavy-tailed" in result.stderr
+    metrics = strict_json(tmp_path / "m.json")
+    assert metrics["pareto_k"] == 0.93 and 0 < metrics["final_ess"] <= 1
 
 
 def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_path, tiny_checkpoint):
