@@ -275,10 +275,11 @@ PSIS_MIN_PARTICLES = 25  # PSIS fits its Pareto tail to the largest fifth, and n
 def _pareto_smoothed(log_w):
     """(log weights, k̂): Pareto-smoothed importance sampling (Vehtari et al. 2024, arviz-stats).
     The learned log s overshoots in the gaps between modes, where annealing seldom goes; one
-    particle that lands there weighs hundreds of times the median, and resampling cloned it into
-    2.8 % of a batch (the 1-D line mixture, NOTES.md). PSIS replaces the largest weights by the
-    quantiles of a generalized Pareto fitted to them; its shape k̂ above 0.7 says the weights are
-    too heavy-tailed to trust. k̂ is None where the batch is too small or its tail tied."""
+    particle that lands there weighs hundreds of times the median, and resampling cloned it 270
+    times in a batch of 10 000 (the 1-D line mixture, NOTES.md). PSIS replaces the largest
+    weights by the quantiles of a generalized Pareto fitted to them; its shape k̂ above 0.7 says
+    the weights are too heavy-tailed to trust. k̂ is None where the batch is too small or its
+    tail tied."""
     if len(log_w) < PSIS_MIN_PARTICLES:
         return log_w.double(), None
     from arviz_stats.base import array_stats
