@@ -7,6 +7,16 @@ import torch
 from bdiff.backend import draw, field_matching
 
 
+def bic_gaussian_mixture(values, max_components, seed, reg_covar):
+    """The full-covariance scikit-learn GaussianMixture of 1..max_components components with the
+    lowest BIC on `values` (a NumPy array)."""
+    from sklearn.mixture import GaussianMixture
+
+    fits = (GaussianMixture(k, covariance_type="full", reg_covar=reg_covar, random_state=seed).fit(values)
+            for k in range(1, max_components + 1))
+    return min(fits, key=lambda mixture: mixture.bic(values))
+
+
 def log_density_std(fields_net, x_std, eps, log_c):
     """log p̂_ε at standardised points (float64): s ≈ exp(log ŝ - log C), ŝ = (2πε)^{D/2} p_ε,
     one log C for every level (each p_ε is a mean of normalised kernels); -inf where a linear

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from bdiff.backend import draw, field_matching
+from bdiff.density import bic_gaussian_mixture
 from bdiff.errors import BdiffError
 
 GRAD_LOSSES = ("direct", "divergence", "sliced")
@@ -123,20 +124,13 @@ def balanced_query_weights(rows, power, seed):
     training rows 0.019; 0.006 at power 1; NOTES.md). The targets do not change, only where the
     regression looks; a ring or a checkerboard, split into clusters of equal share, keeps
     uniform sources."""
-    from sklearn.mixture import GaussianMixture
-
     values = rows.double().cpu().numpy()
     if len(values) < 2:  # one row is one cluster
         return torch.ones(len(values), dtype=torch.float64, device=rows.device)
     fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
-    best, best_bic = None, math.inf
-    for k in range(1, max(1, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2)) + 1):
-        mixture = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(fit_rows)
-        bic = mixture.bic(fit_rows)
-        if bic < best_bic:
-            best, best_bic = mixture, bic
-    labels = best.predict(values)
-    share = np.bincount(labels, minlength=best.n_components) / len(labels)
+    mixture = bic_gaussian_mixture(fit_rows, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2), seed, reg_covar=1e-4)
+    labels = mixture.predict(values)
+    share = np.bincount(labels, minlength=mixture.n_components) / len(labels)
     return torch.as_tensor(share[labels] ** -power, dtype=torch.float64, device=rows.device)
 
 

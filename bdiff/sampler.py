@@ -280,17 +280,18 @@ def _pareto_smoothed(log_w):
     weights by the quantiles of a generalized Pareto fitted to them; its shape k̂ above 0.7 says
     the weights are too heavy-tailed to trust. k̂ is None where the batch is too small or its
     tail tied."""
-    if len(log_w) < PSIS_MIN_PARTICLES:
-        return log_w.double(), None
+    raw = log_w.double()
+    if len(raw) < PSIS_MIN_PARTICLES:
+        return raw, None
     from arviz_stats.base import array_stats
 
     with np.errstate(divide="ignore", invalid="ignore"):  # a tail of ties divides by zero
         try:  # psislw takes log-likelihoods, PSIS-LOO's convention: log weights are their negatives
-            smoothed, k_hat = array_stats.psislw(-log_w.double().cpu().numpy())
+            smoothed, k_hat = array_stats.psislw(-raw.cpu().numpy())
         except ValueError:  # every tail weight equal: nothing to fit
-            return log_w.double(), None
+            return raw, None
     if not (np.isfinite(smoothed).all() and np.isfinite(k_hat)):  # a tail of ties: no scale to fit
-        return log_w.double(), None
+        return raw, None
     return torch.as_tensor(smoothed, device=log_w.device), float(k_hat)
 
 

@@ -171,18 +171,10 @@ def fit_kde(train, test, n, seed):
 
 
 def fit_gmm(train, test, n, seed):
-    from sklearn.mixture import GaussianMixture as SkGMM
+    from bdiff.density import bic_gaussian_mixture
     scale = Standardizer.fit(train)
     start = time.perf_counter()
-    best = None
-    for k in range(1, 11):
-        if k > len(train) // 10:
-            break
-        gmm = SkGMM(k, covariance_type="full", random_state=seed, reg_covar=1e-6).fit(scale.forward(train))
-        bic = gmm.bic(scale.forward(train))
-        if best is None or bic < best[0]:
-            best = (bic, gmm)
-    gmm = best[1]
+    gmm = bic_gaussian_mixture(scale.forward(train), min(10, len(train) // 10), seed, reg_covar=1e-6)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     samples = scale.inverse(gmm.sample(n)[0])

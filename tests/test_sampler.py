@@ -122,18 +122,23 @@ def test_anneal_start_and_step_noise_are_independent(seed):
     assert float(x.var()) == pytest.approx(2.25, rel=0.03)
 
 
-class _PerturbedLevels(OracleFields):
-    """Exact fields whose log s is off by up to ±3 nats at the levels `perturbed` picks: what a
-    network's level-to-level errors look like, exaggerated."""
+def _wavy(x, eps):
+    """Up to ±3 nats: what a network's level-to-level errors look like, exaggerated."""
+    return 3 * torch.sin(7 * x[:, 0] + 13 * eps)
 
-    def __init__(self, refs, eps, levels, perturbed):
+
+class _PerturbedLevels(OracleFields):
+    """Exact fields whose log s is off by `error(x, ε)` (default _wavy) at the levels
+    `perturbed` picks."""
+
+    def __init__(self, refs, eps, levels, perturbed, error=_wavy):
         super().__init__(refs, eps, levels=levels)
-        self.perturbed = perturbed
+        self.perturbed, self.error = perturbed, error
 
     def log_fields(self, x, eps=None):
         log_s, score = super().log_fields(x, eps)
         if eps is not None and self.perturbed(eps):
-            log_s = log_s + 3 * torch.sin(7 * x[:, 0] + 13 * eps)
+            log_s = log_s + self.error(x, eps)
         return log_s, score
 
 
@@ -189,21 +194,12 @@ def test_smc_weights_at_the_top_when_the_levels_end_below_the_weight_level():
     assert float(torch.cdist(x, SMC_REFS).min(1).values.max()) < 0.3  # every sample at a row
 
 
-class _BumpAtLastLevel(OracleFields):
-    """Exact fields whose log s at one level has a narrow 6-nat bump in the gap between rows:
-    1.7 % of that level's mass, where annealing's proposal puts a particle once in a few batches
-    of 2000. The learned log s overshoots like this between modes (7 nats, the 1-D line mixture)."""
-
-    def __init__(self, refs, eps, levels, bumped_level):
-        super().__init__(refs, eps, levels=levels)
-        self.bumped_level = bumped_level
-
-    def log_fields(self, x, eps=None):
-        log_s, score = super().log_fields(x, eps)
-        if eps is not None and abs(eps / self.bumped_level - 1) < 1e-4:
-            gap = torch.tensor([0.1, 0.9], dtype=x.dtype)
-            log_s = log_s + 6 * torch.exp(-(x - gap).pow(2).sum(1) / (2 * 0.05**2))
-        return log_s, score
+def _gap_bump(x, eps):
+    """A narrow 6-nat bump in the gap between SMC_REFS's rows: 1.7 % of the level's mass, where
+    annealing's proposal puts a particle once in a few batches of 2000. The learned log s
+    overshoots like this between modes (7 nats, the 1-D line mixture)."""
+    gap = torch.tensor([0.1, 0.9], dtype=x.dtype)
+    return 6 * torch.exp(-(x - gap).pow(2).sum(1) / (2 * 0.05**2))
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
@@ -213,7 +209,8 @@ def test_smc_does_not_clone_one_particle_into_a_share_of_the_samples(seed):
     0.04-0.12 (0.028 on the line mixture's seed 1, NOTES.md). Pareto-smoothed, no row's share
     is off by more than the bump's 1.7 % and the noise of 2000 samples (sd 0.009)."""
     eps, levels, steps = 0.01, (1e-3, 4.0), 40
-    fields = _BumpAtLastLevel(SMC_REFS, eps, levels, _last_weighted(eps, levels, steps))
+    last = _last_weighted(eps, levels, steps)
+    fields = _PerturbedLevels(SMC_REFS, eps, levels, lambda e: abs(e / last - 1) < 1e-4, _gap_bump)
     cfg = SampleConfig(sampler="smc", init="gaussian", steps=steps, denoise=False, seed=seed)
     x, report = sample(fields, 2000, cfg)
     shares = torch.bincount(torch.cdist(x, SMC_REFS).argmin(1), minlength=len(SMC_REFS)) / len(x)
