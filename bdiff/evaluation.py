@@ -84,7 +84,7 @@ def evaluate_checkpoint(checkpoint, data=None, train=None, samples=None, key=Non
         metrics.update(pixel_metrics(values, heldout, train_values))
     if is_digits_shape(shape):
         metrics.update(image_metrics(values, heldout, train_values))
-    for name in ("low_density_share", "trimmed_share", "final_ess", "pareto_k"):
+    for name in ("low_density_share", "trimmed_share", "final_ess", "pareto_k", "corrected_share"):
         if report.get(name) is not None:
             metrics[name] = report[name]
     warnings += quality_warnings(metrics) + sampler_warnings(report)

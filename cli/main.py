@@ -285,9 +285,12 @@ def sample_command(
                                           "(preconditioned SDE), anneal (down the noise levels) or "
                                           "smc (annealing, its paths importance-weighted by the "
                                           "learned density at 4ε, the weights Pareto-smoothed, and "
-                                          "resampled there; a warning when they stay heavy-tailed). "
-                                          "Default: anneal for models with noise levels (all fits "
-                                          "with the defaults), bellman for linear fields, else precond."),
+                                          "resampled there; where the weights are not to be trusted, "
+                                          "Pareto k̂ > 0.7 or effective sample size under 25 %, the "
+                                          "batch keeps annealing's draws, with a warning). Default: "
+                                          "smc for models with noise levels (all fits with the "
+                                          "defaults), anneal for image data, bellman for linear "
+                                          "fields, else precond."),
     init: Optional[str] = typer.Option(None, help="importance (resample s/q) or gaussian start. "
                                        "Default: importance for linear fields, gaussian otherwise "
                                        "(anneal and smc start from their broadest level)."),
@@ -296,7 +299,7 @@ def sample_command(
                                         "for linear fields, 300 for log fields without levels."),
     denoise: Optional[bool] = typer.Option(None, "--denoise/--no-denoise", help="End with a Tweedie "
                                            "step x + ε∇log s that removes the last level's N(0, εI) "
-                                           "blur. Default: on for anneal (it ends at ε_min), off "
+                                           "blur. Default: on for anneal and smc (they end at ε_min), off "
                                            "otherwise."),
     trim: bool = typer.Option(True, "--trim/--no-trim", help="Draw again the particles that end where "
                               "the learned density is below that of the data's own lowest 0.1 % of "
@@ -310,8 +313,8 @@ def sample_command(
     backend: Optional[str] = typer.Option(None, help="Kernel backend (default: automatic)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
 ):
-    """Draw samples from a trained model, in data units: down its noise levels (the default),
-    or with the Bellman SDE.
+    """Draw samples from a trained model, in data units: down its noise levels, corrected by the
+    learned density (the default), or with the Bellman SDE.
 
     Examples:
 
@@ -405,9 +408,11 @@ def evaluate(
     trimmed_share of particles below the density of the data's lowest 0.1 % (--no-trim keeps
     them); on images pixel_outside_share,
     blank_pixel_sd (beside the data's) and pixel_w1; outside_range_share the
-    share outside the data's range widened by 10%. With --sampler smc: final_ess, the
-    effective sample size of its Pareto-smoothed weights, and pareto_k, their tail shape
-    (above 0.7 a warning: the samples rest on few particles).
+    share outside the data's range widened by 10%. With the smc sampler (the default for
+    tables): final_ess, the effective sample size of its Pareto-smoothed weights, pareto_k,
+    their tail shape, and corrected_share, the share of particles whose batch was resampled by
+    the weights (below 1, a warning: where k̂ > 0.7 or the ESS is under 25 % a batch keeps
+    annealing's draws).
 
     Examples:
 

@@ -338,21 +338,22 @@ def test_sample_with_smc_reports_its_effective_sample_size(tmp_path, tiny_checkp
     assert 0.99 * min(4 * model.eps, model.levels[1]) <= float(share.group(3)) <= 1.01 * model.levels[1]
 
 
-def test_sample_and_evaluate_warn_when_smcs_weights_are_heavy_tailed(tmp_path, tiny_checkpoint, monkeypatch):
-    """Pareto k̂ above 0.7: the smoothed weights still rest on a few particles (Vehtari et al.)."""
+def test_sample_and_evaluate_say_when_smcs_weights_are_not_trusted(tmp_path, tiny_checkpoint, monkeypatch):
+    """Pareto k̂ above 0.7: the smoothed weights still rest on a few particles (Vehtari et al.),
+    so the particles keep annealing's draws, and the user is told."""
     from bdiff import sampler as sampler_module
     monkeypatch.setattr(sampler_module, "_pareto_smoothed", lambda log_w: (log_w.double(), 0.93))
     result = invoke("sample", "-c", tiny_checkpoint, "--n", 60, "-o", tmp_path / "s.npy", "--steps", 6,
                     "--sampler", "smc")
     assert result.exit_code == 0, result.stderr
     assert "k̂ 0.93" in result.output
-    assert "warning: SMC's importance weights are heavy-tailed (Pareto k̂ 0.93 > 0.7)" in result.stderr
+    assert "warning: SMC's importance weights were not trusted for 100% of the particles" in result.stderr
     result = invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--n", 60, "--steps", 6,
                     "--sampler", "smc", "--json", tmp_path / "m.json")
     assert result.exit_code == 0, result.stderr
-    assert "warning: SMC's importance weights are heavy-tailed" in result.stderr
+    assert "warning: SMC's importance weights were not trusted" in result.stderr
     metrics = strict_json(tmp_path / "m.json")
-    assert metrics["pareto_k"] == 0.93 and 0 < metrics["final_ess"] <= 1
+    assert metrics["pareto_k"] == 0.93 and 0 < metrics["final_ess"] <= 1 and metrics["corrected_share"] == 0
 
 
 def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_path, tiny_checkpoint):

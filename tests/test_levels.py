@@ -23,13 +23,22 @@ def _two_clusters(dim=16, n=2000, small=0.2, seed=0):
     return (refs - refs.mean(0)) / refs.std(0)
 
 
+def test_levelled_defaults_correct_tables_with_the_density_and_anneal_images():
+    from bdiff.sampler import IMAGE_LEVELS
+    table = default_sample_config("log", True)
+    image = default_sample_config("log", True, image=True)
+    assert (table.sampler, table.steps, table.init) == ("smc", 200, "gaussian")
+    assert (image.sampler, image.steps) == ("anneal", IMAGE_LEVELS)
+    assert default_sample_config("log", True, sampler="anneal").sampler == "anneal"
+
+
 def test_annealing_with_exact_fields_recovers_unbalanced_weights():
     """Down the ladder of p_ε the particles split between the clusters by mass; Langevin at the
     smallest ε alone splits them by basin (the weakness annealing removes)."""
     refs, eps = _two_clusters(), 0.02
     levels = noise_levels(refs, eps, "log", eps_floor=eps)
     oracle = OracleFields(refs, eps, levels=levels)
-    x, report = sample(oracle, 2000, default_sample_config("log", True, steps=100, denoise=False))
+    x, report = sample(oracle, 2000, default_sample_config("log", True, sampler="anneal", steps=100, denoise=False))
     assert report["sampler"] == "anneal" and report["levels"] == list(levels)
     assert (x[:, 0] > 0).float().mean().item() == pytest.approx(0.2, abs=0.03)
     # the stationary law data + N(0, εI): unit variance plus ε across the cluster
@@ -204,7 +213,7 @@ def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
         loaded = model.log_fields(probe, eps)
         assert torch.equal(expected[0], loaded[0]) and torch.equal(expected[1], loaded[1])
     cfg = model.sample_config()
-    assert cfg.sampler == "anneal"
+    assert cfg.sampler == "smc"  # annealing corrected by the learned density: the tables' default
     x, report = model.sample(2000, cfg)
     values = model.standardizer.inverse(x.numpy())
     # against the same sampler on the exact fields of the same ε: the split between the
