@@ -4,6 +4,8 @@
     python benchmarks/suite.py --only ring,iris     # a subset
     python benchmarks/suite.py --ablation           # also the SMC-vs-anneal sampler ablation, on the
                                                     # mixtures here and four more unbalanced ones
+    python benchmarks/suite.py --draws 11,12,13     # anneal vs SMC on fresh training draws of eight
+                                                    # laws (results/draws.json)
     python benchmarks/suite.py --methods bdiff --ablation --query-balance 1 \
         --out benchmarks/results/suite_query_balance.json   # bdiff fitted with --query-balance 1
 
@@ -292,6 +294,39 @@ def ablation_family(seed, out, names):
     return results
 
 
+DRAW_LAWS = {"intervals": (BUILTINS["intervals"].law, 5000), "unbalanced": (UNBALANCED, 10_000),
+             **{name: (law, 10_000) for name, law in UNBALANCED_FAMILY.items() if name != "line1d"},
+             "checkerboard": (BUILTINS["checkerboard"].law, 5000),
+             "mixture5d": (DATASETS["mixture5d"][1], 5000), "mixture10d": (DATASETS["mixture10d"][1], 5000)}
+
+
+def fresh_draws(names, draws, out, seeds=(0, 1, 2), n=10_000):
+    """Anneal against SMC on fresh training draws of each law (not the suite's own draw, whose
+    luck one table cannot tell from the sampler's): a default fit per draw, then both samplers'
+    mode-weight errors against the law and against that draw's training rows, means over the
+    sampler seeds; results to `out`, keyed "law/draw"."""
+    results = json.load(open(out)) if os.path.exists(out) else {}
+    for name in names:
+        law, rows = DRAW_LAWS[name]
+        for draw in draws:
+            train = law.sample(rows, np.random.default_rng(draw))
+            model, _, _ = train_bdiff(train, 0)
+            train_weights = mode_weights(law, train)
+            entry = {"rows_vs_law": float(np.abs(train_weights - law.weights).max())}
+            for sampler in ("anneal", "smc"):
+                errors = []
+                for seed in seeds:
+                    x, _ = model.sample(n, model.sample_config(sampler=sampler, seed=seed))
+                    samples = model.standardizer.inverse(x.numpy())
+                    errors.append((mode_weight_error(law, samples), mode_weight_error(law, samples, train_weights)))
+                entry[sampler] = np.mean(errors, 0).tolist()  # [against the law, against the rows]
+            results[f"{name}/{draw}"] = entry
+            print(name, draw, json.dumps(entry), flush=True)
+            with open(out, "w") as handle:
+                json.dump(results, handle, indent=1, allow_nan=False)
+    return results
+
+
 def ablation_table(results):
     lines = ["| data | sampler | mode err vs law | mode err vs training rows | C2ST | seconds |",
              "|---|---|---|---|---|---|"]
@@ -314,6 +349,9 @@ def main():
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
     parser.add_argument("--query-balance", type=float, default=0.0, help="bdiff fit --query-balance")
+    parser.add_argument("--draws", default=None, help="comma-separated data seeds: only anneal against "
+                        f"SMC on fresh training draws of {', '.join(DRAW_LAWS)} (or --only), to "
+                        "results/draws.json")
     args = parser.parse_args()
     FIT_OPTIONS["query_balance"] = args.query_balance
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -322,6 +360,12 @@ def main():
     if unknown:
         parser.error(f"unknown data sets {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join([*DATASETS, *UNBALANCED_FAMILY])}")
+    if args.draws:
+        if set(only or ()) - set(DRAW_LAWS):
+            parser.error(f"--draws: choose laws from {', '.join(DRAW_LAWS)}")
+        fresh_draws(only or list(DRAW_LAWS), [int(d) for d in args.draws.split(",")],
+                    os.path.join(RESULTS, "draws.json"))
+        return
     names = [name for name in only if name in DATASETS] if only else list(DATASETS)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     for name in names:
