@@ -75,11 +75,11 @@ def default_sample_config(param, leveled=False, image=False, **overrides):
     dynamics at one small ε weigh each bump of p_ε by its basin, not its mass), 200 of them,
     corrected by the learned density (smc): on 15 fresh draws of five unbalanced mixtures its
     mode-weight error against the law was lower on 14 (means 0.0114 -> 0.0069; on 19 of 24
-    draws of eight laws, its cost a 10-D mixture). Image data:
-    IMAGE_LEVELS levels (finer steps in 64-D; DDPM takes 1000), annealing alone (what their
-    figures were measured with). Log fields
-    without levels: s spans hundreds of nats, so importance weights degenerate and the paper's
-    SDE stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from a Gaussian works.
+    draws of eight laws, its cost a 10-D mixture). Image data: IMAGE_LEVELS levels (finer
+    steps in 64-D; DDPM takes 1000), annealing alone (what their figures were measured with).
+    Log fields without levels: s spans hundreds of nats, so importance weights degenerate and
+    the paper's SDE stalls; Langevin on ∇log s (the preconditioned SDE with δ → 0) from a
+    Gaussian works.
     Linear fields: the paper's SDE from the importance start."""
     if leveled:
         base = dict(sampler="anneal" if image else "smc", init="gaussian", steps=IMAGE_LEVELS if image else 200,

@@ -255,6 +255,13 @@ def reference_scores(train, test, law, seed=0):
     return out
 
 
+def _samples(model, sampler, seed, n):
+    """n samples of `model` by `sampler`, in data units; its report; the seconds it took."""
+    start = time.perf_counter()
+    x, report = model.sample(n, model.sample_config(sampler=sampler, seed=seed))
+    return model.standardizer.inverse(x.numpy()), report, time.perf_counter() - start
+
+
 def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
     """SMC (annealing importance-weighted by the learned log s at 4ε, the weights Pareto-smoothed,
     resampled once) against annealing alone, on the same trained model. Mode weights are scored
@@ -264,10 +271,7 @@ def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
     rows = []
     for sampler in ("anneal", "smc"):
         for seed in seeds:
-            start = time.perf_counter()
-            x, report = model.sample(n, model.sample_config(sampler=sampler, seed=seed))
-            seconds = time.perf_counter() - start
-            samples = model.standardizer.inverse(x.numpy())
+            samples, report, seconds = _samples(model, sampler, seed, n)
             row = {"sampler": sampler, "seed": seed, "seconds": seconds,
                    "c2st": c2st(samples, test, seed),
                    "mode_weight_error": mode_weight_error(law, samples),
@@ -316,8 +320,7 @@ def fresh_draws(names, draws, out, seeds=(0, 1, 2), n=10_000):
             for sampler in ("anneal", "smc"):
                 errors = []
                 for seed in seeds:
-                    x, _ = model.sample(n, model.sample_config(sampler=sampler, seed=seed))
-                    samples = model.standardizer.inverse(x.numpy())
+                    samples = _samples(model, sampler, seed, n)[0]
                     errors.append((mode_weight_error(law, samples), mode_weight_error(law, samples, train_weights)))
                 entry[sampler] = np.mean(errors, 0).tolist()  # [against the law, against the rows]
             results[f"{name}/{draw}"] = entry
