@@ -213,6 +213,25 @@ def test_the_flow_density_of_a_network_integrates_to_one():
     assert density.max() < 50  # a proper, finite density, not a spike
 
 
+@pytest.mark.parametrize("batch", [1 << 15, 3 * 40, 40])  # all dimensions at once, in threes, one by one
+def test_the_flow_divergence_is_the_trace_of_the_score_jacobian(monkeypatch, batch):
+    """The divergence, batched over dimensions in chunks, against the float64 Jacobian's trace
+    of a 7-D network's score, row by row."""
+    import torch
+    import bdiff.density as density
+    from bdiff.fields import FieldModel
+    torch.manual_seed(0)
+    net = FieldModel(7, width=32, depth=2, arch="separate", param="log", levels=(1e-3, 10.0), fourier=8,
+                     fourier_reach=6.0).double().requires_grad_(False)
+    x = torch.randn(40, 7, dtype=torch.float64)
+    monkeypatch.setattr(density, "DIVERGENCE_BATCH", batch)
+    score, divergence = density._score_and_divergence(net, x, 0.1)
+    jacobians = [torch.autograd.functional.jacobian(lambda row: net.raw(row[None], 0.1, score_only=True)[1][0], row)
+                 for row in x]
+    np.testing.assert_allclose(divergence.numpy(), [float(j.trace()) for j in jacobians], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(score.numpy(), net.raw(x, 0.1, score_only=True)[1].numpy())
+
+
 class _FlowStubModel(_StubModel):
     """The same N(0, 1), chosen as a flow density: the headline comes from flow_log_density."""
     flow_eps = 0.01
