@@ -156,6 +156,10 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
 
 
 FLOW_ROWS = 2000  # validation rows that judge the flow density: its ODE costs D backward passes a step
+# RK4 steps when choosing the level: half the cost. Against 128 steps, the mean log-likelihood per
+# row is off by 8e-5 / 9e-6 / 6e-4 nats at 16 (2-D mixture, checkerboard, 6-D Gaussian; 32 steps:
+# 4e-6 / 1e-7 / 4e-5), far below the gaps between candidate levels (0.04 nats and up on digits)
+FLOW_SELECT_STEPS = 16
 
 
 def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
@@ -169,7 +173,8 @@ def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
     val_rows = val_rows[:FLOW_ROWS]
     eps_min = fields_net.levels[0]
     candidates = [eps / 4 ** k for k in range(candidates_down) if eps / 4 ** k > eps_min] + [eps_min]
-    scores = [(level, float(flow_log_density(fields_net, val_rows, level).mean())) for level in candidates]
+    scores = [(level, float(flow_log_density(fields_net, val_rows, level, FLOW_SELECT_STEPS).mean()))
+              for level in candidates]
     best = max(scores, key=lambda item: item[1])
     if field_score is not None and field_score >= best[1]:
         return None, scores
