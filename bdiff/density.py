@@ -92,15 +92,15 @@ FLOW_STEPS = 32
 DEFENSIVE_SHARE = 0.02
 
 
-# rows × dimensions of one batched backward pass of the divergence: bounds its activations
-# (about 40 bytes per row-dimension per unit of width) to a few hundred MB
+# rows × dimensions of one batched backward pass of the divergence: bounds its memory (measured
+# 210 MB at width 256: 4096 64-D rows in chunks of 8 dimensions, 26 bytes per row-dimension-unit)
 DIVERGENCE_BATCH = 1 << 15
 
 
 def _score_and_divergence(fields_net, x, eps):
     """∇log p_ε at x and its divergence, exact: the Jacobian's diagonal from one backward pass per
     dimension, batched over the dimensions (is_grads_batched). The 64-D digits' flow selection
-    took 76 s here with a Python loop of passes, 50 s batched (NOTES.md)."""
+    took 76 s on a slow 2-core machine with a Python loop of passes, 51 s batched (NOTES.md)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         _, score = fields_net.raw(x, eps, score_only=True)
