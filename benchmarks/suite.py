@@ -283,18 +283,30 @@ def ablation(model, test, train, law, seeds=(0, 1, 2), n=10_000):
     return rows
 
 
+def _load_results(path):
+    """The results stored at `path` so far ({} if none): a run adds to them, data set by data set."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _save_results(path, results):
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1, allow_nan=False)
+
+
 def ablation_family(seed, out, names):
     """Fit bdiff with its defaults on 10 000 rows of each UNBALANCED_FAMILY law and run the
     ablation on it; results to `out` (the main table has no row for these)."""
-    results = json.load(open(out)) if os.path.exists(out) else {}
+    results = _load_results(out)
     for name in (name for name in names if name in UNBALANCED_FAMILY):
         law = UNBALANCED_FAMILY[name]
         train, test = _drawn(law.sample, 10000, 10000)()
         model, fit_s, _ = train_bdiff(train, seed)
         results[name] = {"rows": [len(train), len(test)], "dim": train.shape[1], "fit_s": fit_s,
                          "ablation": ablation(model, test, train, law)}
-        with open(out, "w") as handle:
-            json.dump(results, handle, indent=1, allow_nan=False)
+        _save_results(out, results)
     return results
 
 
@@ -309,7 +321,7 @@ def fresh_draws(names, draws, out, seeds=(0, 1, 2), n=10_000):
     luck one table cannot tell from the sampler's): a default fit per draw, then both samplers'
     mode-weight errors against the law and against that draw's training rows, means over the
     sampler seeds; results to `out`, keyed "law/draw"."""
-    results = json.load(open(out)) if os.path.exists(out) else {}
+    results = _load_results(out)
     for name in names:
         law, rows = DRAW_LAWS[name]
         for draw in draws:
@@ -325,8 +337,7 @@ def fresh_draws(names, draws, out, seeds=(0, 1, 2), n=10_000):
                 entry[sampler] = np.mean(errors, 0).tolist()  # [against the law, against the rows]
             results[f"{name}/{draw}"] = entry
             print(name, draw, json.dumps(entry), flush=True)
-            with open(out, "w") as handle:
-                json.dump(results, handle, indent=1, allow_nan=False)
+            _save_results(out, results)
     return results
 
 
@@ -370,7 +381,7 @@ def main():
                     os.path.join(RESULTS, "draws.json"))
         return
     names = [name for name in only if name in DATASETS] if only else list(DATASETS)
-    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results = _load_results(args.out)
     for name in names:
         loader, law = DATASETS[name]
         train, test = loader()
@@ -388,8 +399,7 @@ def main():
             print(name, method, {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}, flush=True)
             if args.ablation and method == "bdiff" and law is not None:
                 entry["ablation"] = ablation(model, test, train, law)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1, allow_nan=False)
+        _save_results(args.out, results)
     print(table(results))
     if args.ablation:
         folder, name = os.path.split(args.out)
