@@ -25,7 +25,7 @@ from bdiff.sampler import support_floor
 
 
 VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
-SMALL_DATA_ROWS, SMALL_BATCH, BATCH = 1000, 128, 1024
+SMALL_DATA_ROWS, SMALL_BATCH, BATCH, WIDTH = 1000, 128, 1024, 256
 STEPS, IMAGE_STEPS = 3000, 6000  # image data: digits FD 5.5 at 3000 steps, 4.9 at 6000 (NOTES.md)
 MAX_WIDTH, MAX_DEPTH = 16384, 64
 # random Fourier features of the input: this many frequencies, up to FOURIER_REACH / sqrt(ε)
@@ -35,6 +35,13 @@ FOURIER_FEATURES, FOURIER_REACH = 32, 2.0
 # al. 2020), and from 5-D up the features measured worse (mixture10d held-out log-likelihood
 # -14.97 with, -14.66 without; diabetes 21.0 / 25.2; NOTES.md)
 FOURIER_MAX_DIM = 4
+# 1-D and 2-D tables with noise levels: networks half as wide on half the batch (from
+# SMALL_DATA_ROWS rows), with twice the Fourier features. A 2-D fit of 10 000 rows costs a third
+# as much and sampling half; on the suite's six 1-D/2-D sets the held-out likelihood, C2ST and
+# far share held (the features keep the edges: checkerboard far share 0.36 % at width 128 with
+# 32, 0.08 % with 64). From 4-D the narrow networks sampled worse (iris C2ST 0.63 -> 0.70,
+# mixture10d mode-weight error 0.011 -> 0.022), so wider data keeps the wide ones (NOTES.md).
+LOW_DIM, LOW_DIM_WIDTH, LOW_DIM_BATCH, LOW_DIM_FOURIER = 2, 128, 512, 64
 # fewer validation rows than this are too noisy to stop training on (diabetes, 35 rows: two
 # seeds of four stopped at 1000-1100 steps, held-out log-likelihood 21.5 against 25.6-26.1 at
 # 3000; NOTES.md); they still choose ε and the density
@@ -59,11 +66,11 @@ def check_fit_output(output, data, resume, force):
 class FitConfig:
     steps: int = None            # a cap: training stops earlier when the validation loss stalls;
     #                              None: STEPS, or IMAGE_STEPS for image data
-    batch_size: int = None       # queries per step; None: 1024, or SMALL_BATCH for data sets under
-    #                              SMALL_DATA_ROWS rows (same held-out likelihood there, 3-4x faster;
-    #                              NOTES.md)
+    batch_size: int = None       # queries per step; None: BATCH (LOW_DIM_BATCH for 1-D and 2-D
+    #                              tables), or SMALL_BATCH for data sets under SMALL_DATA_ROWS rows
+    #                              (same held-out likelihood there, 3-4x faster; NOTES.md)
     lr: float = 2e-3
-    width: int = 256
+    width: int = None            # hidden width; None: WIDTH, or LOW_DIM_WIDTH for 1-D and 2-D tables
     depth: int = 3
     arch: str = "auto"           # "shared" trunk or "separate" networks; auto: separate with
     #                              noise levels (digits FD 4.5-5.4 against 5.5-8.7 shared)
@@ -92,6 +99,7 @@ class FitConfig:
     fourier: int = None          # random Fourier features of the input (frequencies up to
     #                              FOURIER_REACH / sqrt(ε)); 0: the plain input; None: FOURIER_FEATURES
     #                              for tables of up to FOURIER_MAX_DIM columns with noise levels
+    #                              (LOW_DIM_FOURIER up to LOW_DIM columns)
     #                              (sharp edges and thin supports: spiral
     #                              held-out log-likelihood -1.86 -> -1.28, far samples 0.38 % -> 0.03 %),
     #                              else 0 (digits FD 3.9 -> 4.0 with 64, not better; NOTES.md)
@@ -113,7 +121,7 @@ class FitConfig:
         if (self.steps is not None and self.steps < 1) or (self.batch_size is not None and self.batch_size < 2):
             raise BdiffError("--steps must be >= 1 and --batch-size >= 2")
         for name, value, most in (("width", self.width, MAX_WIDTH), ("depth", self.depth, MAX_DEPTH)):
-            if not 1 <= value <= most:
+            if value is not None and not 1 <= value <= most:
                 raise BdiffError(f"--{name} must be between 1 and {most}, got {value}")
         check_seed(self.seed)
         if self.checkpoint_every < 1:
@@ -187,10 +195,6 @@ class Trainer:
         rows = torch.from_numpy(self.standardizer.forward(values, noise)).to(self.device)
         self.dim = rows.shape[1]
         cfg.param = resolve_param(cfg.param)
-        if cfg.batch_size is None:
-            cfg.batch_size = SMALL_BATCH if len(values) < SMALL_DATA_ROWS else BATCH
-        # activations of both networks, forward and backward, with room to spare
-        check_memory(cfg.batch_size * (cfg.width * cfg.depth * 64 + self.dim * 64), "--batch-size")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None
@@ -211,9 +215,17 @@ class Trainer:
         self.eps_train = self.eps  # the targets' ε; choose_eps may move the density's ε up from it
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
+        low_dim = self.levels is not None and not image and self.dim <= LOW_DIM
+        if cfg.width is None:
+            cfg.width = LOW_DIM_WIDTH if low_dim else WIDTH
+        if cfg.batch_size is None:
+            cfg.batch_size = (SMALL_BATCH if len(values) < SMALL_DATA_ROWS
+                              else LOW_DIM_BATCH if low_dim else BATCH)
+        # activations of both networks, forward and backward, with room to spare
+        check_memory(cfg.batch_size * (cfg.width * cfg.depth * 64 + self.dim * 64), "--batch-size")
         if cfg.fourier is None:
-            low_dim_table = not image and self.dim <= FOURIER_MAX_DIM
-            cfg.fourier = FOURIER_FEATURES if self.levels is not None and low_dim_table else 0
+            fourier_table = self.levels is not None and not image and self.dim <= FOURIER_MAX_DIM
+            cfg.fourier = LOW_DIM_FOURIER if low_dim else FOURIER_FEATURES if fourier_table else 0
         self.source_weights = self._source_weights()
         self._build()
         self.step = 0

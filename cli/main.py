@@ -100,8 +100,9 @@ def fit(
     steps: Optional[int] = typer.Option(None, help="Most training steps; training stops earlier when "
                                         "the loss on 10% of the rows kept out stops improving. "
                                         "Default: 3000, or 6000 for image data."),
-    batch_size: Optional[int] = typer.Option(None, help="Query points per step. Default: 1024, or "
-                                             "128 for data sets under 1000 rows."),
+    batch_size: Optional[int] = typer.Option(None, help="Query points per step. Default: 1024 (512 "
+                                             "for 1-D and 2-D tables), or 128 for data sets under "
+                                             "1000 rows."),
     lr: float = typer.Option(2e-3, help="Adam learning rate (cosine decay)."),
     eps: Optional[float] = typer.Option(None, help="Smoothing bandwidth ε (variance, standardised "
                                         "units). Default: from --eps-rule."),
@@ -128,8 +129,8 @@ def fit(
     fourier: Optional[int] = typer.Option(None, help="Random Fourier features of the input (sin and "
                                           "cos of this many random frequencies, up to 2/sqrt(ε)): "
                                           "the fields follow sharp edges and thin supports. 0: "
-                                          "plain input. Default: 32 for tables of up to 4 columns "
-                                          "with noise levels, else 0."),
+                                          "plain input. Default: 64 for tables of 1 or 2 columns, "
+                                          "32 for 3 or 4, with noise levels; else 0."),
     query_balance: float = typer.Option(0.0, help="Noise-level training draws "
                                         "its query rows ∝ (share of the row's cluster)^-this, "
                                         "clusters from a BIC Gaussian mixture: 1 trains every "
@@ -143,7 +144,8 @@ def fit(
     grad_loss: str = typer.Option("direct", help="Gradient loss: direct, divergence or sliced."),
     arch: str = typer.Option("auto", help="shared (one trunk) or separate (two networks); auto: "
                              "separate with noise levels, else shared."),
-    width: int = typer.Option(256, help="Hidden width."),
+    width: Optional[int] = typer.Option(None, help="Hidden width. Default: 256, or 128 for 1-D and "
+                                        "2-D tables (with twice the Fourier features)."),
     depth: int = typer.Option(3, help="Hidden layers."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("cpu", help="cpu or cuda."),

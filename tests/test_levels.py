@@ -8,7 +8,8 @@ from bdiff.fields import FieldModel
 from bdiff.losses import LOG_NORMAL_MEAN, LOG_NORMAL_SD, draw_levels, noise_levels
 from bdiff.model import TrainedModel
 from bdiff.sampler import LADDER_RHO, OracleFields, default_sample_config, level_ladder, sample
-from bdiff.trainer import FOURIER_FEATURES, FOURIER_REACH, FitConfig, Trainer
+from bdiff.trainer import (BATCH, FOURIER_FEATURES, FOURIER_REACH, LOW_DIM_BATCH, LOW_DIM_FOURIER, LOW_DIM_WIDTH,
+                           SMALL_BATCH, WIDTH, FitConfig, Trainer)
 
 
 def _two_clusters(dim=16, n=2000, small=0.2, seed=0):
@@ -179,9 +180,10 @@ def test_fourier_features_at_a_level_are_those_of_the_blurred_input():
 
 def test_fourier_features_default_to_low_dimensional_tables_with_noise_levels():
     images, table = _images_and_table()
-    assert Trainer(table, FitConfig(steps=1, width=8)).cfg.fourier == FOURIER_FEATURES
+    assert Trainer(table, FitConfig(steps=1, width=8)).cfg.fourier == LOW_DIM_FOURIER  # 1-D and 2-D
     # up to 4 columns; in 5-D and up they measured worse (mixture10d, diabetes; NOTES.md)
     rng = np.random.default_rng(1)
+    assert Trainer(rng.normal(size=(60, 3)), FitConfig(steps=1, width=8)).cfg.fourier == FOURIER_FEATURES
     assert Trainer(rng.normal(size=(60, 4)), FitConfig(steps=1, width=8)).cfg.fourier == FOURIER_FEATURES
     assert Trainer(rng.normal(size=(60, 5)), FitConfig(steps=1, width=8)).cfg.fourier == 0
     assert Trainer(images, FitConfig(steps=1, width=8), "images", (4, 4)).cfg.fourier == 0
@@ -193,6 +195,27 @@ def test_fourier_features_default_to_low_dimensional_tables_with_noise_levels():
     for bad in (-1, 1.5, 10**6):
         with pytest.raises(BdiffError, match="--fourier"):
             FitConfig(fourier=bad).validate()
+
+
+def test_low_dimensional_tables_default_to_narrow_networks_on_half_the_batch():
+    """1-D and 2-D tables with noise levels: width 128 on batches of 512 (a third of the fitting
+    cost); wider data, images and models without levels keep width 256 on 1024; under 1000 rows
+    the batch is 128 in every case; what the user sets wins."""
+    rng = np.random.default_rng(2)
+
+    def chosen(rows, dim, **options):
+        cfg = Trainer(rng.normal(size=(rows, dim)).astype(np.float32), FitConfig(steps=1, **options)).cfg
+        return cfg.width, cfg.batch_size
+
+    assert chosen(1200, 1) == chosen(1200, 2) == (LOW_DIM_WIDTH, LOW_DIM_BATCH)
+    assert chosen(1200, 3) == (WIDTH, BATCH)
+    assert chosen(1200, 2, eps_max=0) == (WIDTH, BATCH)  # no levels: no Fourier features either
+    assert chosen(200, 2) == (LOW_DIM_WIDTH, SMALL_BATCH) and chosen(200, 5) == (WIDTH, SMALL_BATCH)
+    assert chosen(1200, 2, width=96, batch_size=300) == (96, 300)
+    images, _ = _images_and_table()
+    image_cfg = Trainer(images, FitConfig(steps=1), "images", (4, 4)).cfg
+    assert (image_cfg.width, image_cfg.batch_size) == (WIDTH, SMALL_BATCH)
+    assert LOW_DIM_WIDTH < WIDTH and LOW_DIM_BATCH < BATCH
 
 
 def test_level_model_fits_unbalanced_clusters_and_survives_save_load(tmp_path):
