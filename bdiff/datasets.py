@@ -9,8 +9,6 @@ the mode-weight error.
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import logsumexp
-from scipy.stats import norm
 
 
 @dataclass
@@ -35,6 +33,8 @@ class GaussianMixture:
         return np.stack(out, 1) + np.log(self.weights)
 
     def smoothed_density(self, x, noise_var):
+        # scipy on first use: at import it would add a second to every `bdiff sample`
+        from scipy.special import logsumexp
         return np.exp(logsumexp(self._component_logpdf(x, noise_var), axis=1))
 
     def component(self, x):
@@ -57,11 +57,12 @@ class UniformBoxes:
         return self.lows[which] + rng.random((n, self.lows.shape[1])) * (self.highs - self.lows)[which]
 
     def smoothed_density(self, x, noise_var):
+        from scipy.special import ndtr  # the standard normal CDF
         total = np.prod(self.highs - self.lows, axis=1).sum()
         sd = np.sqrt(np.maximum(noise_var, 1e-300))
         dens = np.zeros(len(x))
         for low, high in zip(self.lows, self.highs):
-            dens += np.prod(norm.cdf((high - x) / sd) - norm.cdf((low - x) / sd), axis=1)
+            dens += np.prod(ndtr((high - x) / sd) - ndtr((low - x) / sd), axis=1)
         return dens / total
 
     def component(self, x):

@@ -29,6 +29,7 @@ from bdiff.backend import (check_memory, check_seed, draw, field_matching, oracl
                            stream_seed)
 from bdiff.errors import BdiffError
 from bdiff.losses import fitted_from
+from bdiff.psis import pareto_smoothed
 
 INITS = ("importance", "gaussian")
 
@@ -278,7 +279,7 @@ PSIS_MIN_PARTICLES = 25  # PSIS fits its Pareto tail to the largest fifth, and n
 
 
 def _pareto_smoothed(log_w):
-    """(log weights, k̂): Pareto-smoothed importance sampling (Vehtari et al. 2024, arviz-stats).
+    """(log weights, k̂): Pareto-smoothed importance sampling (Vehtari et al. 2024; bdiff.psis).
     The learned log s overshoots in the gaps between modes, where annealing seldom goes; one
     particle that lands there weighs hundreds of times the median, and resampling cloned it 270
     times in a batch of 10 000 (the 1-D line mixture, NOTES.md). PSIS replaces the largest
@@ -288,16 +289,14 @@ def _pareto_smoothed(log_w):
     raw = log_w.double()
     if len(raw) < PSIS_MIN_PARTICLES:
         return raw, None
-    from arviz_stats.base import array_stats
-
-    with np.errstate(divide="ignore", invalid="ignore"):  # a tail of ties divides by zero
-        try:  # psislw takes log-likelihoods, PSIS-LOO's convention: log weights are their negatives
-            smoothed, k_hat = array_stats.psislw(-raw.cpu().numpy())
+    with np.errstate(divide="ignore", invalid="ignore"):  # a tail of near-ties divides by zero
+        try:
+            smoothed, k_hat = pareto_smoothed(raw.cpu().numpy())
         except ValueError:  # every tail weight equal: nothing to fit
             return raw, None
-    if not (np.isfinite(smoothed).all() and np.isfinite(k_hat)):  # a tail of ties: no scale to fit
+    if not (np.isfinite(smoothed).all() and np.isfinite(k_hat)):  # no scale to fit
         return raw, None
-    return torch.as_tensor(smoothed, device=log_w.device), float(k_hat)
+    return torch.as_tensor(smoothed, device=log_w.device), k_hat
 
 
 PARETO_K_TRUSTED = 0.7  # Vehtari et al.: above it, importance estimates converge too slowly to trust
