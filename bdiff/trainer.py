@@ -36,12 +36,13 @@ FOURIER_FEATURES, FOURIER_REACH = 32, 2.0
 # -14.97 with, -14.66 without; diabetes 21.0 / 25.2; NOTES.md)
 FOURIER_MAX_DIM = 4
 # 1-D and 2-D tables with noise levels: networks half as wide on half the batch (from
-# SMALL_DATA_ROWS rows), with twice the Fourier features. A 2-D fit of 10 000 rows costs a third
+# SMALL_DATA_ROWS rows), with FOURIER_FEATURES per column. A 2-D fit of 10 000 rows costs a third
 # as much and sampling half; on the suite's six 1-D/2-D sets the held-out likelihood, C2ST and
-# far share held (the features keep the edges: checkerboard far share 0.36 % at width 128 with
-# 32, 0.08 % with 64). From 4-D the narrow networks sampled worse (iris C2ST 0.63 -> 0.70,
-# mixture10d mode-weight error 0.011 -> 0.022), so wider data keeps the wide ones (NOTES.md).
-LOW_DIM, LOW_DIM_WIDTH, LOW_DIM_BATCH, LOW_DIM_FOURIER = 2, 128, 512, 64
+# far share held. The features keep the checkerboard's edges (far share 0.36 % at width 128 with
+# 32 features, 0.08 % with 64); in 1-D, 64 left the scalar field's normaliser at 1.36 (1.05 with
+# 32). From 4-D the narrow networks sampled worse (iris C2ST 0.63 -> 0.70, mixture10d mode-weight
+# error 0.011 -> 0.022), so wider data keeps the wide ones (NOTES.md).
+LOW_DIM, LOW_DIM_WIDTH, LOW_DIM_BATCH = 2, 128, 512
 # fewer validation rows than this are too noisy to stop training on (diabetes, 35 rows: two
 # seeds of four stopped at 1000-1100 steps, held-out log-likelihood 21.5 against 25.6-26.1 at
 # 3000; NOTES.md); they still choose ε and the density
@@ -99,7 +100,7 @@ class FitConfig:
     fourier: int = None          # random Fourier features of the input (frequencies up to
     #                              FOURIER_REACH / sqrt(ε)); 0: the plain input; None: FOURIER_FEATURES
     #                              for tables of up to FOURIER_MAX_DIM columns with noise levels
-    #                              (LOW_DIM_FOURIER up to LOW_DIM columns)
+    #                              (FOURIER_FEATURES per column up to LOW_DIM columns)
     #                              (sharp edges and thin supports: spiral
     #                              held-out log-likelihood -1.86 -> -1.28, far samples 0.38 % -> 0.03 %),
     #                              else 0 (digits FD 3.9 -> 4.0 with 64, not better; NOTES.md)
@@ -225,7 +226,7 @@ class Trainer:
         check_memory(cfg.batch_size * (cfg.width * cfg.depth * 64 + self.dim * 64), "--batch-size")
         if cfg.fourier is None:
             fourier_table = self.levels is not None and not image and self.dim <= FOURIER_MAX_DIM
-            cfg.fourier = LOW_DIM_FOURIER if low_dim else FOURIER_FEATURES if fourier_table else 0
+            cfg.fourier = FOURIER_FEATURES * (self.dim if low_dim else 1) if fourier_table else 0
         self.source_weights = self._source_weights()
         self._build()
         self.step = 0

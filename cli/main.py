@@ -129,8 +129,8 @@ def fit(
     fourier: Optional[int] = typer.Option(None, help="Random Fourier features of the input (sin and "
                                           "cos of this many random frequencies, up to 2/sqrt(ε)): "
                                           "the fields follow sharp edges and thin supports. 0: "
-                                          "plain input. Default: 64 for tables of 1 or 2 columns, "
-                                          "32 for 3 or 4, with noise levels; else 0."),
+                                          "plain input. Default: 32 per column for tables of 1 or 2 "
+                                          "columns, 32 for 3 or 4, with noise levels; else 0."),
     query_balance: float = typer.Option(0.0, help="Noise-level training draws "
                                         "its query rows ∝ (share of the row's cluster)^-this, "
                                         "clusters from a BIC Gaussian mixture: 1 trains every "
@@ -145,7 +145,7 @@ def fit(
     arch: str = typer.Option("auto", help="shared (one trunk) or separate (two networks); auto: "
                              "separate with noise levels, else shared."),
     width: Optional[int] = typer.Option(None, help="Hidden width. Default: 256, or 128 for 1-D and "
-                                        "2-D tables (with twice the Fourier features)."),
+                                        "2-D tables."),
     depth: int = typer.Option(3, help="Hidden layers."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
