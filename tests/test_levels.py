@@ -199,6 +199,20 @@ def test_fourier_features_default_to_low_dimensional_tables_with_noise_levels():
             FitConfig(fourier=bad).validate()
 
 
+def test_in_place_activations_without_gradients_give_the_same_fields():
+    """Sampling runs the networks without gradients, their SiLU in place: the same fields, to the
+    bit, as with gradients on (where it is not in place and backpropagates)."""
+    torch.manual_seed(0)
+    net = FieldModel(2, 16, 3, arch="separate", param="log", levels=(1e-4, 4.0), fourier=8)
+    x = torch.randn(50, 2)
+    with torch.no_grad():
+        quiet = net.log_fields(x, 0.3)
+    loud = net.log_fields(x, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(quiet, loud))
+    loud[0].sum().backward()  # the graph survives: nothing it needs was overwritten
+    assert net.scalar_net[0].weight.grad.abs().sum() > 0
+
+
 def test_low_dimensional_tables_default_to_narrow_networks_on_half_the_batch():
     """1-D and 2-D tables with noise levels: width 128 on batches of 512 (a third of the fitting
     cost); wider data, images and models without levels keep width 256 on 1024; under 1000 rows
