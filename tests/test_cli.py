@@ -57,7 +57,7 @@ def test_fit_sample_evaluate(tmp_path, data_file, mixture_small):
     ckpt = tmp_path / "m.safetensors"
     result = invoke("fit", data_file, "-o", ckpt, *FAST_FIT)
     assert result.exit_code == 0, result.stderr
-    assert ckpt.exists() and "32 Fourier features" in result.stderr
+    assert ckpt.exists() and "64 Fourier features" in result.stderr  # 32 per column of 2-D data
     out = tmp_path / "s.npy"
     result = invoke("sample", "-c", ckpt, "--n", 300, "-o", out, "--steps", 5)
     assert result.exit_code == 0, result.stderr

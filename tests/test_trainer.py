@@ -211,7 +211,7 @@ def test_batch_size_follows_the_data_size(mixture_small):
     def batch(rows, **options):
         return Trainer(mixture_small[:rows], FitConfig(steps=1, width=16, depth=1, **options)).cfg.batch_size
     assert batch(300) == 128
-    assert batch(1200) == 1024
+    assert batch(1200) == 512  # 2-D; wider data 1024 (test_levels.py)
     assert batch(300, batch_size=512) == 512
 
 
