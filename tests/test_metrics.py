@@ -86,6 +86,10 @@ def test_loglik_is_normalised_and_refuses_a_density_that_is_zero_at_test_rows(rn
     assert doubled["normaliser"] == pytest.approx(2.0, abs=0.06)
     assert doubled["loglik"] == pytest.approx(exact, abs=0.03)
     assert any("integrates to" in line for line in quality_warnings(doubled))
+    # where the headline is the flow density (normalised by construction), the warning says the
+    # off normaliser is the field density's, not the density the likelihood came from
+    flow_headline = quality_warnings({**doubled, "density": "flow"})
+    assert any(line.startswith("the field density integrates to") and "flow" in line for line in flow_headline)
     # zero density at some held-out rows: no finite headline figure, the share instead
     cut = held_out_loglik(_StubModel(cut=2.0), test, rows)
     assert cut["loglik"] is None and cut["density_nonpositive_share"] == pytest.approx(float((test > 2).mean()))
