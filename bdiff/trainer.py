@@ -383,7 +383,8 @@ class Trainer:
             return []
         eps, field_score, z, se = self._density_eps_score()
         if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps the first
-            lines = [f"ε = {eps:.4g}: the normaliser cannot be estimated in {self.dim}-D, "
+            # high D; in low D a scalar field with sharp spikes (heavy importance weights)
+            lines = [f"ε = {eps:.4g}: its normaliser could not be estimated to 5 % ({self.dim}-D), "
                      "so no level is chosen by likelihood"]
         else:
             lines = [f"ε = {eps:.4g} (the level whose normalised density best predicts the "

@@ -228,7 +228,7 @@ def test_digits_fit_and_evaluate_report_image_metrics(tmp_path):
     result = invoke("fit", "digits", "-o", model, *FAST_FIT)
     assert result.exit_code == 0, result.output + result.stderr
     assert "heldout" in result.stderr and "noise" in result.stderr and "noise levels 0.0001..137.8" in result.stderr
-    assert "cannot be estimated in 64-D" in result.stderr and "Fourier" not in result.stderr
+    assert "could not be estimated to 5 % (64-D)" in result.stderr and "Fourier" not in result.stderr
     images = tmp_path / "images.npy"
     result = invoke("sample", "-c", model, "--n", "50", "-o", images, "--steps", "20")
     assert result.exit_code == 0, result.output + result.stderr
