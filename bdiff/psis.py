@@ -55,8 +55,16 @@ def pareto_smoothed(log_weights):
     cutoff = math.exp(log_w[order[-size - 1]])
     k, sigma = fit_generalized_pareto(np.exp(largest) - cutoff)
     if np.isfinite(k):
-        probs = (np.arange(size) + 0.5) / size
-        quantiles = (-sigma * np.log1p(-probs) if k == 0
-                     else sigma * np.expm1(-k * np.log1p(-probs)) / k) if sigma > 0 else np.full(size, np.nan)
+        quantiles = generalized_pareto_quantiles((np.arange(size) + 0.5) / size, k, sigma)
         log_w[tail] = np.minimum(np.log(cutoff + quantiles), largest[-1])
     return log_w, float(k)
+
+
+def generalized_pareto_quantiles(probs, k, sigma):
+    """The quantiles at `probs` of a generalized Pareto law of shape k and scale σ from 0 (NaN
+    where σ ≤ 0: no law to read)."""
+    if sigma <= 0:
+        return np.full(len(probs), np.nan)
+    if k == 0:
+        return -sigma * np.log1p(-probs)
+    return sigma * np.expm1(-k * np.log1p(-probs)) / k

@@ -216,7 +216,8 @@ class Trainer:
         self.eps_train = self.eps  # the targets' ε; choose_eps may move the density's ε up from it
         if cfg.arch == "auto":
             cfg.arch = "shared" if self.levels is None else "separate"
-        low_dim = self.levels is not None and not image and self.dim <= LOW_DIM
+        table_with_levels = self.levels is not None and not image
+        low_dim = table_with_levels and self.dim <= LOW_DIM
         if cfg.width is None:
             cfg.width = LOW_DIM_WIDTH if low_dim else WIDTH
         if cfg.batch_size is None:
@@ -225,7 +226,7 @@ class Trainer:
         # activations of both networks, forward and backward, with room to spare
         check_memory(cfg.batch_size * (cfg.width * cfg.depth * 64 + self.dim * 64), "--batch-size")
         if cfg.fourier is None:
-            fourier_table = self.levels is not None and not image and self.dim <= FOURIER_MAX_DIM
+            fourier_table = table_with_levels and self.dim <= FOURIER_MAX_DIM
             cfg.fourier = FOURIER_FEATURES * (self.dim if low_dim else 1) if fourier_table else 0
         self.source_weights = self._source_weights()
         self._build()
