@@ -291,6 +291,20 @@ def test_sample_option_defaults_are_the_config_defaults():
     assert {"sampler", "init", "steps", "denoise", "seed", "batch_size", "backend"} <= set(checked)
 
 
+def test_help_states_the_sampler_trust_thresholds_the_sampler_uses():
+    """`sample --help` and `evaluate --help` name SMC's trust thresholds in words (the CLI does
+    not import the sampler, so that --help does not load torch): they must be the sampler's."""
+    import typer.main
+
+    from bdiff.sampler import PARETO_K_TRUSTED, SMC_MIN_ESS
+    commands = typer.main.get_command(app).commands
+    sampler_help = next(p.help for p in commands["sample"].params if p.name == "sampler")
+    for text in (sampler_help, commands["evaluate"].help):
+        text = " ".join(text.split())
+        assert f"k̂ > {PARETO_K_TRUSTED}" in text
+        assert f"under {round(100 * SMC_MIN_ESS)} %" in text
+
+
 def test_gpu_benchmark_script_runs_as_a_cpu_smoke_test(tmp_path):
     """benchmarks/gpu.py is for a CUDA machine; on the CPU it must still check every variant it can
     run against float64, say why the others are skipped, and write its JSON and PNG."""
