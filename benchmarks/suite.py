@@ -6,6 +6,8 @@
                                                     # mixtures here and four more unbalanced ones
     python benchmarks/suite.py --draws 11,12,13     # anneal vs SMC on fresh training draws of eight
                                                     # laws (results/draws.json)
+    python benchmarks/suite.py --random-laws 0,1,2,3,4   # fresh random 2-D mixtures of four
+                                                    # unequal Gaussians (results/random_laws.json)
     python benchmarks/suite.py --methods bdiff --ablation --query-balance 1 \
         --out benchmarks/results/suite_query_balance.json   # bdiff fitted with --query-balance 1
 
@@ -341,6 +343,58 @@ def fresh_draws(names, draws, out, seeds=(0, 1, 2), n=10_000):
     return results
 
 
+def random_mixture_2d(seed, k=4):
+    """A 2-D mixture nobody here chose: `k` Gaussians with centres in [-4, 4]² at least 2.5
+    apart, Dirichlet(0.6) weights (sorted, floored at 0.02, then normalised: the smallest are
+    1.9-2 %), and each an ellipse of random orientation with standard deviations from 0.15 to
+    0.7."""
+    rng = np.random.default_rng(1000 + seed)
+    while True:
+        means = rng.uniform(-4, 4, (k, 2))
+        if (np.linalg.norm(means[:, None] - means[None], axis=2) + 99 * np.eye(k)).min() > 2.5:
+            break
+    weights = np.maximum(np.sort(rng.dirichlet(np.full(k, 0.6)))[::-1], 0.02)
+    covs = []
+    for _ in range(k):
+        angle = rng.uniform(0, np.pi)
+        turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        covs.append(turn @ np.diag(rng.uniform(0.15, 0.7, 2) ** 2) @ turn.T)
+    return _mixture(weights / weights.sum(), means, covs)
+
+
+def random_laws(seeds, out, sampler_seeds=(0, 1), n=10_000):
+    """bdiff with its defaults on 10 000 rows of each random_mixture_2d law, both samplers, beside
+    KDE-CV, the BIC GMM and the data's own fresh rows, scored against 10 000 held-out rows (C2ST,
+    far share, mode-weight error against the law; bdiff's the mean over its sampler seeds)."""
+    results = _load_results(out)
+    for seed in seeds:
+        law = random_mixture_2d(seed)
+        train, test = law.sample(n, np.random.default_rng(1)), law.sample(n, np.random.default_rng(2))
+        model, fit_s, trainer = train_bdiff(train, 0)
+        entry = {"weights": law.weights.round(3).tolist(), "fit_s": fit_s, "steps": trainer.step,
+                 "rows_vs_law": float(np.abs(mode_weights(law, train) - law.weights).max()),
+                 "data": reference_scores(train, test, law)}
+        for sampler in ("anneal", "smc"):
+            scores = [sample_scores(_samples(model, sampler, s, n)[0], test, train, law, s) for s in sampler_seeds]
+            entry[sampler] = {key: float(np.mean([score[key] for score in scores])) for key in scores[0]}
+        for method in ("kde_cv", "gmm_bic"):
+            entry[method] = sample_scores(METHODS[method](train, test, n, 0)["samples"], test, train, law)
+        results[str(seed)] = entry
+        print(seed, json.dumps(entry), flush=True)
+        _save_results(out, results)
+    return results
+
+
+def random_laws_table(results):
+    columns = ("smc", "anneal", "kde_cv", "gmm_bic", "data")
+    lines = ["| law | weights | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for seed, entry in results.items():
+        cells = [f"{entry[c]['c2st']:.3f} / {100 * entry[c]['far_share']:.2f} % / {entry[c]['mode_weight_error']:.4f}"
+                 for c in columns]
+        lines.append(f"| {seed} | {' / '.join(f'{w:.3f}' for w in entry['weights'])} | " + " | ".join(cells) + " |")
+    return "C2ST / far share / mode-weight error against the law\n" + "\n".join(lines)
+
+
 def ablation_table(results):
     lines = ["| data | sampler | mode err vs law | mode err vs training rows | C2ST | seconds |",
              "|---|---|---|---|---|---|"]
@@ -366,6 +420,8 @@ def main():
     parser.add_argument("--draws", default=None, help="comma-separated data seeds: only anneal against "
                         f"SMC on fresh training draws of {', '.join(DRAW_LAWS)} (or --only), to "
                         "results/draws.json")
+    parser.add_argument("--random-laws", default=None, help="comma-separated seeds: bdiff, KDE-CV and the "
+                        "BIC GMM on fresh random 2-D mixtures (random_mixture_2d), to results/random_laws.json")
     args = parser.parse_args()
     FIT_OPTIONS["query_balance"] = args.query_balance
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -374,6 +430,10 @@ def main():
     if unknown:
         parser.error(f"unknown data sets {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join([*DATASETS, *UNBALANCED_FAMILY])}")
+    if args.random_laws:
+        print(random_laws_table(random_laws([int(seed) for seed in args.random_laws.split(",")],
+                                            os.path.join(RESULTS, "random_laws.json"))))
+        return
     if args.draws:
         if set(only or ()) - set(DRAW_LAWS):
             parser.error(f"--draws: choose laws from {', '.join(DRAW_LAWS)}")
