@@ -326,10 +326,11 @@ def quality_warnings(metrics):
     lines = []
     z, se = metrics.get("normaliser"), metrics.get("normaliser_se")
     if metrics.get("normaliser_reliable") and abs(z - 1) > 0.1:
-        flow = metrics.get("density") == "flow"  # the likelihood's density, normalised by construction
-        lines.append(f"the {'field ' if flow else ''}density integrates to {z:.3f} ± {se:.3f}, not 1"
-                     + (" (loglik_field is divided by it; loglik is the probability flow's, normalised "
-                        "by construction)" if flow else ""))
+        if metrics.get("density") == "flow":  # the likelihood's density, normalised by construction
+            lines.append(f"the field density integrates to {z:.3f} ± {se:.3f}, not 1 (loglik_field is "
+                         "divided by it; loglik is the probability flow's, normalised by construction)")
+        else:
+            lines.append(f"the density integrates to {z:.3f} ± {se:.3f}, not 1")
     if metrics.get("density_nonpositive_share"):
         lines.append(f"the density is ≤ 0 at {metrics['density_nonpositive_share']:.1%} of the held-out rows")
     if metrics.get("pixel_outside_share", 0) > 0.01:

@@ -384,7 +384,7 @@ class Trainer:
             return []
         eps, field_score, z, se = self._density_eps_score()
         if not reliable(*self.eps_model_scores[0][2:]):  # select_eps then keeps the first
-            # high D; in low D a scalar field with sharp spikes (heavy importance weights)
+            # in high D always; in low D when sharp spikes of the scalar field make the weights heavy
             lines = [f"ε = {eps:.4g}: its normaliser could not be estimated to 5 % ({self.dim}-D), "
                      "so no level is chosen by likelihood"]
         else:
