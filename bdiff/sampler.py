@@ -313,7 +313,9 @@ def sampler_warnings(report):
     """A line for each sign in a sampler's report that its samples are not what was asked."""
     corrected = report.get("corrected_share")
     if corrected is not None and corrected < 1:
-        return [f"SMC's importance weights were not trusted for {1 - corrected:.0%} of the particles "
+        untrusted = 1 - corrected  # a small top-up batch alone can be a fraction of a percent
+        share = f"{untrusted:.0%}" if untrusted >= 0.01 else f"{untrusted:.2%}"
+        return [f"SMC's importance weights were not trusted for {share} of the particles "
                 f"(Pareto k̂ above {PARETO_K_TRUSTED} or effective sample size under {SMC_MIN_ESS:.0%}): "
                 "those kept annealing's draws, uncorrected by the density"]
     return []

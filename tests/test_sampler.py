@@ -360,3 +360,13 @@ def test_the_report_averages_batches_by_their_particles(monkeypatch):
     assert [count for count, _ in seen] == [1000, 1000, 500]
     assert len({round(ess, 6) for _, ess in seen}) == 3
     assert report["final_ess"] == pytest.approx(sum(c * e for c, e in seen) / 2500, abs=1e-12)
+
+
+def test_smc_warning_names_a_small_untrusted_share_exactly():
+    """A top-up batch (particles drawn again after trimming) is judged on its own weights: 25
+    untrusted particles of 10 025 once read "not trusted for 0% of the particles"."""
+    from bdiff.sampler import sampler_warnings
+    (warning,) = sampler_warnings({"corrected_share": 1 - 25 / 10_025})
+    assert "not trusted for 0.25% of the particles" in warning
+    (warning,) = sampler_warnings({"corrected_share": 0.6})
+    assert "not trusted for 40% of the particles" in warning
