@@ -118,6 +118,7 @@ def _validated(array, source):
     item_shape = array.shape[1:]
     flat = array.reshape(array.shape[0], -1)
     values = np.empty(flat.shape, dtype=np.float32)
+    lows, highs = [], []
     for rows in _chunks(len(flat)):  # one float32 copy; float64 only one chunk at a time
         chunk = np.asarray(flat[rows], dtype=np.float64)
         bad = ~np.isfinite(chunk).all(axis=1)
@@ -127,7 +128,24 @@ def _validated(array, source):
         if np.abs(chunk).max() > 1e30:
             raise BdiffError(f"{source}: values up to {np.abs(chunk).max():.3g} overflow float32")
         values[rows] = chunk
+        lows.append(chunk.min(0))
+        highs.append(chunk.max(0))
+    _check_float32_resolution(np.min(lows, 0), np.max(highs, 0), source)
     return Data(values, source, tuple(item_shape))
+
+
+def _check_float32_resolution(low, high, source):
+    """The model works in float32: a column whose spread is small beside its magnitude (1e6 ±
+    0.001, coordinates in metres from a far origin) turns into a coarse grid or one value there."""
+    magnitude = np.maximum(np.abs(low), np.abs(high))
+    step = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
+    coarse = (high > low) & (step > 0.01 * (high - low))
+    if coarse.any():
+        column = int(np.argmax(coarse))
+        raise BdiffError(f"{source}: column {column} spans {high[column] - low[column]:.3g} at magnitude "
+                         f"{magnitude[column]:.3g}, where float32 (the model's precision) steps by "
+                         f"{step[column]:.3g}, over 1 % of that span; subtract an offset (e.g. the "
+                         "column's mean) first")
 
 
 CHUNK_ROWS = 1 << 20

@@ -51,6 +51,12 @@ BAD = {
     "garbage.npz": (lambda p: p.write_bytes(b"PK\x03\x04 broken zip"), "cannot read"),
     "garbage.safetensors": (lambda p: p.write_bytes(b"\x00\x01"), "cannot read"),
     "data.txt": (lambda p: p.write_text("1,2\n"), "supported formats"),
+    # distinct in float64, one value or a coarse grid in float32 (the model's precision): it
+    # read "all rows are identical", and a 1 % grid would train on steps of the data
+    "offset.npy": (lambda p: np.save(p, 1e6 + np.random.default_rng(0).normal(0, 1e-3, (50, 2))),
+                   "column 0 .* float32 .* subtract"),
+    "utm.npy": (lambda p: np.save(p, np.c_[np.arange(50.0), 5e6 + np.random.default_rng(0).normal(0, 1, 50)]),
+                "column 1 .* float32 .* subtract"),
 }
 
 
