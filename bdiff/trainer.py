@@ -347,7 +347,8 @@ class Trainer:
         """The field loss of the EMA fields on the validation rows; True when training should
         stop: in `patience` checks the loss has not fallen by VAL_TOLERANCE of its fall so far.
         (A share of the loss itself stopped digits after 14 s of a 67 s run: the score targets'
-        noise at the smallest levels is a floor under the loss, NOTES.md.) The best weights are kept.
+        noise at the smallest levels is a floor under the loss, NOTES.md.) The best weights from
+        MIN_QUERY_PASSES on are kept.
         (The rows' unnormalised log-likelihood was tried as the judge and stopped far too
         early: it cannot see mass leaking away from the data; NOTES.md.)"""
         loss = self.validation.loss(self.ema, self.cfg.id_weight)

@@ -17,7 +17,7 @@ from bdiff.losses import (balanced_query_weights, bandwidth, divergence, draw_qu
                           smoothed_data_queries, smoothed_targets)
 from bdiff.model import TrainedModel
 from bdiff.sampler import support_floor
-from bdiff.trainer import FitConfig, Trainer
+from bdiff.trainer import MIN_QUERY_PASSES, FitConfig, Trainer
 
 from conftest import TINY
 
@@ -190,7 +190,6 @@ def test_a_large_data_set_draws_on_every_row_before_it_may_stop():
     times on average: the validation loss follows the large modes, and on 50 000 rows of two
     random 2-D mixtures it stopped at 1500-1700 steps with the 2 % modes still too wide (far
     share 0.34-0.40 % under SMC; 0.15-0.20 % trained to 3000 steps, NOTES.md)."""
-    from bdiff.trainer import MIN_QUERY_PASSES
     values = np.random.default_rng(0).normal(size=(1200, 2)).astype(np.float32)
     trainer = Trainer(values, FitConfig(steps=400, width=8, depth=1, batch_size=128, eval_every=10, patience=2))
     # best at the first check, stalled after it: those early weights are the large modes' choice
@@ -215,7 +214,6 @@ def test_stopping_judges_progress_against_the_fall_so_far_not_the_loss_floor():
     still falls steadily must not stop training; one whose fall has flattened must. The old
     rule (a 1 % fall of the loss itself) stopped the first after 5 checks."""
     values = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
-    from bdiff.trainer import MIN_QUERY_PASSES
     trainer = Trainer(values, FitConfig(steps=10, width=8, depth=1, patience=5))
     trainer.step = math.ceil(MIN_QUERY_PASSES * len(trainer.refs) / trainer.cfg.batch_size)  # may stop
     trainer.validation = _ScriptedValidation([200.0] + [100.0 - 0.5 * k for k in range(20)])
