@@ -125,11 +125,12 @@ def _validated(array, source):
         if bad.any():
             raise BdiffError(f"{source}: rows contain NaN or inf (first: row {rows.start + int(np.argmax(bad))}); "
                              "clean them first")
-        if np.abs(chunk).max() > 1e30:
-            raise BdiffError(f"{source}: values up to {np.abs(chunk).max():.3g} overflow float32")
-        values[rows] = chunk
         lows.append(chunk.min(0))
         highs.append(chunk.max(0))
+        largest = max(-lows[-1].min(), highs[-1].max())
+        if largest > 1e30:
+            raise BdiffError(f"{source}: values up to {largest:.3g} overflow float32")
+        values[rows] = chunk
     _check_float32_resolution(np.min(lows, 0), np.max(highs, 0), source)
     return Data(values, source, tuple(item_shape))
 
