@@ -115,23 +115,41 @@ BALANCE_FIT_ROWS = 2000  # rows the clustering of balanced_query_weights is fitt
 BALANCE_MAX_CLUSTERS = 8
 
 
+def row_clusters(rows, seed):
+    """The rows' clusters: a Gaussian mixture chosen by BIC (scikit-learn) on up to
+    BALANCE_FIT_ROWS of them; None for fewer than two rows (one cluster)."""
+    values = rows.double().cpu().numpy()
+    if len(values) < 2:
+        return None
+    fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
+    return bic_gaussian_mixture(fit_rows, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2), seed, reg_covar=1e-4)
+
+
 def balanced_query_weights(rows, power, seed):
     """Per-row weights that draw the level queries' source rows in proportion to
-    (share of the row's cluster)^-power rather than uniformly: clusters from a Gaussian mixture
-    chosen by BIC (scikit-learn) on up to BALANCE_FIT_ROWS rows. A small mode gets few queries
-    with uniform sources, and the score network, stopped by its step budget, fits it last: on a
-    5-D mixture with 8 % and 2 % modes annealing left them light (mode-weight error against the
-    training rows 0.019; 0.006 at power 1; NOTES.md). The targets do not change, only where the
-    regression looks; a ring or a checkerboard, split into clusters of equal share, keeps
-    uniform sources."""
-    values = rows.double().cpu().numpy()
-    if len(values) < 2:  # one row is one cluster
-        return torch.ones(len(values), dtype=torch.float64, device=rows.device)
-    fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
-    mixture = bic_gaussian_mixture(fit_rows, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2), seed, reg_covar=1e-4)
-    labels = mixture.predict(values)
+    (share of the row's cluster)^-power rather than uniformly (clusters: row_clusters). A small
+    mode gets few queries with uniform sources, and the score network, stopped by its step
+    budget, fits it last: on a 5-D mixture with 8 % and 2 % modes annealing left them light
+    (mode-weight error against the training rows 0.019; 0.006 at power 1; NOTES.md). The targets
+    do not change, only where the regression looks; a ring or a checkerboard, split into
+    clusters of equal share, keeps uniform sources."""
+    mixture = row_clusters(rows, seed)
+    if mixture is None:  # one row is one cluster
+        return torch.ones(len(rows), dtype=torch.float64, device=rows.device)
+    labels = mixture.predict(rows.double().cpu().numpy())
     share = np.bincount(labels, minlength=mixture.n_components) / len(labels)
     return torch.as_tensor(share[labels] ** -power, dtype=torch.float64, device=rows.device)
+
+
+def cluster_balanced_weights(refs, rows, seed):
+    """Weights for `rows` that give each cluster of the references (row_clusters) the same total:
+    1 / (the cluster's count among the rows)."""
+    mixture = row_clusters(refs, seed)
+    if mixture is None:
+        return torch.full((len(rows),), 1 / len(rows), dtype=torch.float64, device=rows.device)
+    labels = mixture.predict(rows.double().cpu().numpy())
+    counts = np.bincount(labels, minlength=mixture.n_components)
+    return torch.as_tensor(1 / counts[labels], dtype=torch.float64, device=rows.device)
 
 
 def smoothed_data_queries(refs, batch, eps, generator, weights=None):
@@ -263,24 +281,32 @@ def with_own_kernel(queries, refs, eps, excludes, lse, score):
     return (1 - weight) * score + weight * (source - queries) / eps.unsqueeze(1)
 
 
-def squared_errors(s, g, s_hat, g_hat):
-    """The direct loss's two parts: mean ‖g - ĝ‖² and mean (s - ŝ)²."""
-    return (g - g_hat).pow(2).sum(1).mean(), (s - s_hat).pow(2).mean()
+def weighted_mean(values, weights=None):
+    return values.mean() if weights is None else (values * weights).sum() / weights.sum()
 
 
-def log_regression(model, queries, level_eps, log_s_hat, score, id_weight, scalar_from=None):
+def squared_errors(s, g, s_hat, g_hat, weights=None):
+    """The direct loss's two parts: mean ‖g - ĝ‖² and mean (s - ŝ)² (over the queries, or
+    weighted by `weights`)."""
+    return weighted_mean((g - g_hat).pow(2).sum(1), weights), weighted_mean((s - s_hat).pow(2), weights)
+
+
+def log_regression(model, queries, level_eps, log_s_hat, score, id_weight, scalar_from=None, weights=None):
     """(log s - log ŝ)² + ε‖∇log s - ĝ/ŝ‖²: ε puts the score in nats per sqrt(ε) step.
 
     scalar_from: log s is fitted at levels from this ε up only. The density is read there;
     below it (down to ε_min, for the sampler) log ŝ spans thousands of nats that would take
-    the scalar network's capacity and the validation loss (NOTES.md)."""
+    the scalar network's capacity and the validation loss (NOTES.md).
+    weights: per-query weights of both means (None: uniform)."""
     log_s, score_model = model.raw(queries, level_eps if model.levels else None)
     if scalar_from is None:
-        loss_id = (log_s - log_s_hat).pow(2).mean()
+        loss_id = weighted_mean((log_s - log_s_hat).pow(2), weights)
     else:
         keep = (level_eps >= scalar_from).to(log_s.dtype)
-        loss_id = ((log_s - log_s_hat).pow(2) * keep).sum() / keep.sum().clamp_min(1)
-    loss_grad = (level_eps * (score_model - score).pow(2).sum(1)).mean()
+        if weights is not None:
+            keep = keep * weights.to(log_s.dtype)
+        loss_id = ((log_s - log_s_hat).pow(2) * keep).sum() / keep.sum().clamp_min(1e-30)
+    loss_grad = weighted_mean(level_eps * (score_model - score).pow(2).sum(1), weights)
     return loss_grad + id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
 
 
@@ -297,13 +323,15 @@ def split_validation(rows, fraction, generator, min_rows=8):
 class ValidationSet:
     """Fixed queries around held-out rows with exact targets against all references: the
     training loss on data the fields never saw, for early stopping. Up to 512 rows, each
-    clean and with N(0, ε'I) noise at every one of the fixed levels ε' (ε alone without levels)."""
+    clean and with N(0, ε'I) noise at every one of the fixed levels ε' (ε alone without levels).
+    row_weights: each row's weight in the loss (None: uniform), e.g. cluster_balanced_weights."""
 
     MAX_ROWS = 512
 
-    def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None):
+    def __init__(self, rows, refs, eps, log_c, levels, generator, backend=None, row_weights=None):
         self.scalar_from = None if levels is None else fitted_from(eps)
         rows = rows[:self.MAX_ROWS]
+        self.row_weights = None if row_weights is None else row_weights[:self.MAX_ROWS]
         grid = [eps] if levels is None else sorted({eps, *(levels[0] * (levels[1] / levels[0]) ** torch.linspace(
             0, 1, LEVEL_GROUPS, dtype=torch.float64, device="cpu")).tolist()})
         queries, level_eps, log_s_hat, score = [], [], [], []
@@ -317,12 +345,15 @@ class ValidationSet:
             score.append(mean)
         self.queries, self.level_eps, self.log_s_hat, self.score = map(
             torch.cat, (queries, level_eps, log_s_hat, score))
+        # the queries are the rows, clean then noisy, at each level in turn
+        self.weights = None if row_weights is None else self.row_weights.to(self.queries.dtype).repeat(2 * len(grid))
 
     @torch.no_grad()
     def loss(self, model, id_weight=1.0):
         if model.param == "log":
             return log_regression(model, self.queries, self.level_eps, self.log_s_hat, self.score,
-                                  id_weight, self.scalar_from)[0].item()
+                                  id_weight, self.scalar_from, self.weights)[0].item()
         s_hat = torch.exp(self.log_s_hat)
-        loss_grad, loss_id = squared_errors(*model(self.queries), s_hat, s_hat.unsqueeze(1) * self.score)
+        loss_grad, loss_id = squared_errors(*model(self.queries), s_hat, s_hat.unsqueeze(1) * self.score,
+                                            self.weights)
         return float(loss_grad + id_weight * loss_id)
