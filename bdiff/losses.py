@@ -111,50 +111,34 @@ def draw_queries(refs, batch, eps, mix, perturb_scale, broad_std, generator, spr
     return queries, exclude
 
 
-BALANCE_FIT_ROWS = 2000  # rows the clustering of balanced_query_weights is fitted on
+BALANCE_FIT_ROWS = 2000  # rows the clustering of cluster_balanced_weights is fitted on
 BALANCE_MAX_CLUSTERS = 8
 
 
-def row_clusters(rows, seed):
-    """The rows' clusters: a Gaussian mixture chosen by BIC (scikit-learn) on up to
-    BALANCE_FIT_ROWS of them; None for fewer than two rows (one cluster)."""
-    values = rows.double().cpu().numpy()
-    if len(values) < 2:
-        return None
-    fit_rows = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
-    return bic_gaussian_mixture(fit_rows, min(BALANCE_MAX_CLUSTERS, len(fit_rows) // 2), seed, reg_covar=1e-4)
+def cluster_balanced_weights(rows, power, seed, clusters_of=None):
+    """Per-row weights ∝ (share of the row's cluster among `rows`)^-power: at power 1 every
+    cluster gets the same total. Clusters: a Gaussian mixture chosen by BIC (scikit-learn) on up
+    to BALANCE_FIT_ROWS of `clusters_of` (default: `rows`).
 
-
-def balanced_query_weights(rows, power, seed):
-    """Per-row weights that draw the level queries' source rows in proportion to
-    (share of the row's cluster)^-power rather than uniformly (clusters: row_clusters). A small
-    mode gets few queries with uniform sources, and the score network, stopped by its step
-    budget, fits it last: on a 5-D mixture with 8 % and 2 % modes annealing left them light
-    (mode-weight error against the training rows 0.019; 0.006 at power 1; NOTES.md). The targets
-    do not change, only where the regression looks; a ring or a checkerboard, split into
-    clusters of equal share, keeps uniform sources."""
-    mixture = row_clusters(rows, seed)
-    if mixture is None:  # one row is one cluster
+    Level queries draw their source rows by these weights (`--query-balance`): a small mode gets
+    few queries with uniform sources, and the score network, stopped by its step budget, fits it
+    last; on a 5-D mixture with 8 % and 2 % modes annealing left them light (mode-weight error
+    against the training rows 0.019; 0.006 at power 1; NOTES.md). The targets do not change, only
+    where the regression looks; a ring or a checkerboard, split into clusters of equal share,
+    keeps uniform sources. Early stopping weighs the validation rows by them (Trainer)."""
+    fit_values = (rows if clusters_of is None else clusters_of).double().cpu().numpy()
+    if len(fit_values) < 2:  # one row is one cluster
         return torch.ones(len(rows), dtype=torch.float64, device=rows.device)
+    fit_values = fit_values[np.random.default_rng(seed).permutation(len(fit_values))[:BALANCE_FIT_ROWS]]
+    mixture = bic_gaussian_mixture(fit_values, min(BALANCE_MAX_CLUSTERS, len(fit_values) // 2), seed, reg_covar=1e-4)
     labels = mixture.predict(rows.double().cpu().numpy())
     share = np.bincount(labels, minlength=mixture.n_components) / len(labels)
     return torch.as_tensor(share[labels] ** -power, dtype=torch.float64, device=rows.device)
 
 
-def cluster_balanced_weights(refs, rows, seed):
-    """Weights for `rows` that give each cluster of the references (row_clusters) the same total:
-    1 / (the cluster's count among the rows)."""
-    mixture = row_clusters(refs, seed)
-    if mixture is None:
-        return torch.full((len(rows),), 1 / len(rows), dtype=torch.float64, device=rows.device)
-    labels = mixture.predict(rows.double().cpu().numpy())
-    counts = np.bincount(labels, minlength=mixture.n_components)
-    return torch.as_tensor(1 / counts[labels], dtype=torch.float64, device=rows.device)
-
-
 def smoothed_data_queries(refs, batch, eps, generator, weights=None):
     """x ~ p_ε: data plus N(0, εI), the weighting under which integration by parts holds;
-    with `weights`, the source rows drawn in proportion to them (balanced_query_weights)."""
+    with `weights`, the source rows drawn in proportion to them (cluster_balanced_weights)."""
     if weights is None:
         source = draw(torch.randint, len(refs), (batch,), generator=generator, device=refs.device)
     else:
@@ -179,7 +163,7 @@ def divergence(g, x, generator=None, sliced=False):
 
 def field_loss(model, refs, eps, log_c, cfg, generator, backend=None, source_weights=None):
     """L = L_grad + λ L_id on one batch; returns the loss and its two parts (floats).
-    source_weights: how level models draw their queries' rows (balanced_query_weights)."""
+    source_weights: how level models draw their queries' rows (cluster_balanced_weights)."""
     if model.param == "log":
         return _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend, source_weights)
     queries, exclude = draw_queries(refs, cfg.batch_size, eps, cfg.query_mix, cfg.perturb_scale,

@@ -18,8 +18,8 @@ from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_
 from bdiff.density import reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
-from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, balanced_query_weights,
-                          bandwidth, cluster_balanced_weights, field_loss, heldout_bandwidth, log_normaliser,
+from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
+                          cluster_balanced_weights, field_loss, heldout_bandwidth, log_normaliser,
                           noise_levels, split_validation)
 from bdiff.sampler import support_floor
 
@@ -253,12 +253,12 @@ class Trainer:
         their time budget."""
         if not table_with_levels or self.dim <= LOW_DIM or len(self.val_rows) < MIN_STOPPING_ROWS:
             return None
-        return cluster_balanced_weights(self.refs, self.val_rows, self.cfg.seed)
+        return cluster_balanced_weights(self.val_rows, 1.0, self.cfg.seed, clusters_of=self.refs)
 
     def _source_weights(self):
         if self.levels is None or not self.cfg.query_balance:
             return None
-        return balanced_query_weights(self.refs, self.cfg.query_balance, self.cfg.seed)
+        return cluster_balanced_weights(self.refs, self.cfg.query_balance, self.cfg.seed)
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)
@@ -365,9 +365,9 @@ class Trainer:
         early: it cannot see mass leaking away from the data; NOTES.md.)"""
         loss = self.validation.loss(self.ema, self.cfg.id_weight)
         self.val_history.append((self.step, loss))
-        may_stop = self.step * self.cfg.batch_size / len(self.refs) >= MIN_QUERY_PASSES
+        passes_done = self.step * self.cfg.batch_size / len(self.refs) >= MIN_QUERY_PASSES
         # weights from before that point are not candidates: their loss is the large modes' verdict
-        if may_stop and loss < self.best_val:
+        if passes_done and loss < self.best_val:
             self.best_val = loss
             self.best_state = copy.deepcopy(self.ema.state_dict())
         if self.first_val is None:
@@ -376,7 +376,7 @@ class Trainer:
             self.progress_val, self.stale = loss, 0
         else:
             self.stale += 1
-        return may_stop and self.cfg.patience > 0 and self.stale >= self.cfg.patience
+        return passes_done and self.cfg.patience > 0 and self.stale >= self.cfg.patience
 
     def choose_eps(self):
         """With noise levels and validation rows: ε becomes the level, from the targets' ε up to 16 times it,

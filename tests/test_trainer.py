@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from bdiff.checkpoint import read_checkpoint
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
-from bdiff.losses import (ValidationSet, balanced_query_weights, bandwidth, divergence, draw_queries,
+from bdiff.losses import (ValidationSet, bandwidth, cluster_balanced_weights, divergence, draw_queries,
                           log_normaliser, log_regression, smoothed_data_queries, smoothed_targets)
 from bdiff.model import TrainedModel
 from bdiff.sampler import support_floor
@@ -291,13 +291,13 @@ def test_balanced_query_weights_give_each_cluster_the_same_share():
     rows = _two_clusters()
     in_small = torch.arange(len(rows)) >= 1900
     for power, expected in ((1.0, 0.5), (0.5, 0.05**0.5 / (0.05**0.5 + 0.95**0.5))):
-        weights = balanced_query_weights(rows, power, seed=0)
+        weights = cluster_balanced_weights(rows, power, seed=0)
         assert float(weights[in_small].sum() / weights.sum()) == pytest.approx(expected, abs=0.01)
     one = torch.as_tensor(np.random.default_rng(1).normal(0, 1, (2000, 2)))
-    weights = balanced_query_weights(one, 1.0, seed=0)
+    weights = cluster_balanced_weights(one, 1.0, seed=0)
     assert float(weights.max() / weights.min()) == pytest.approx(1.0)
     for few in (1, 2, 3):  # too few rows for more than one cluster
-        assert torch.equal(balanced_query_weights(one[:few], 1.0, seed=0), torch.ones(few, dtype=torch.float64))
+        assert torch.equal(cluster_balanced_weights(one[:few], 1.0, seed=0), torch.ones(few, dtype=torch.float64))
 
 
 def test_level_queries_draw_their_rows_by_the_source_weights():
