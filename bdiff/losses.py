@@ -333,11 +333,19 @@ class ValidationSet:
         self.weights = None if row_weights is None else self.row_weights.to(self.queries.dtype).repeat(2 * len(grid))
 
     @torch.no_grad()
-    def loss(self, model, id_weight=1.0):
+    def loss(self, model, id_weight=1.0, weighted=True):
+        """The loss over the queries, weighted by the rows' weights unless `weighted` is False."""
+        weights = self.weights if weighted else None
         if model.param == "log":
             return log_regression(model, self.queries, self.level_eps, self.log_s_hat, self.score,
-                                  id_weight, self.scalar_from, self.weights)[0].item()
+                                  id_weight, self.scalar_from, weights)[0].item()
         s_hat = torch.exp(self.log_s_hat)
         loss_grad, loss_id = squared_errors(*model(self.queries), s_hat, s_hat.unsqueeze(1) * self.score,
-                                            self.weights)
+                                            weights)
         return float(loss_grad + id_weight * loss_id)
+
+    def losses(self, model, id_weight=1.0):
+        """The judges of early stopping: [plain mean], or with row weights [plain mean, weighted
+        mean]; the last one chooses the weights kept."""
+        plain = self.loss(model, id_weight, weighted=False)
+        return [plain] if self.weights is None else [plain, self.loss(model, id_weight)]
