@@ -100,7 +100,7 @@ def fit(
     steps: Optional[int] = typer.Option(None, help="Most training steps; training stops earlier when "
                                         "the loss on 10% of the rows kept out stops improving, "
                                         "once every row has been drawn on 30 times (tables of "
-                                        "3+ columns: each cluster of rows weighs alike). "
+                                        "3+ columns: also the mean of each cluster's own loss). "
                                         "Default: 3000, or 6000 for image data."),
     batch_size: Optional[int] = typer.Option(None, help="Query points per step. Default: 1024 (512 "
                                              "for 1-D and 2-D tables), or 128 for data sets under "
