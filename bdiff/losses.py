@@ -275,14 +275,19 @@ def squared_errors(s, g, s_hat, g_hat, weights=None):
     return weighted_mean((g - g_hat).pow(2).sum(1), weights), weighted_mean((s - s_hat).pow(2), weights)
 
 
-def log_regression(model, queries, level_eps, log_s_hat, score, id_weight, scalar_from=None, weights=None):
+def log_regression(model, queries, level_eps, log_s_hat, score, id_weight, scalar_from=None):
     """(log s - log ŝ)² + ε‖∇log s - ĝ/ŝ‖²: ε puts the score in nats per sqrt(ε) step.
 
     scalar_from: log s is fitted at levels from this ε up only. The density is read there;
     below it (down to ε_min, for the sampler) log ŝ spans thousands of nats that would take
-    the scalar network's capacity and the validation loss (NOTES.md).
-    weights: per-query weights of both means (None: uniform)."""
+    the scalar network's capacity and the validation loss (NOTES.md)."""
     log_s, score_model = model.raw(queries, level_eps if model.levels else None)
+    return log_regression_of(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from)
+
+
+def log_regression_of(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from=None, weights=None):
+    """log_regression on the model's outputs (log s, ∇log s) at the queries; weights: per-query
+    weights of both means (None: uniform)."""
     if scalar_from is None:
         loss_id = weighted_mean((log_s - log_s_hat).pow(2), weights)
     else:
@@ -333,19 +338,19 @@ class ValidationSet:
         self.weights = None if row_weights is None else self.row_weights.to(self.queries.dtype).repeat(2 * len(grid))
 
     @torch.no_grad()
-    def loss(self, model, id_weight=1.0, weighted=True):
-        """The loss over the queries, weighted by the rows' weights unless `weighted` is False."""
-        weights = self.weights if weighted else None
-        if model.param == "log":
-            return log_regression(model, self.queries, self.level_eps, self.log_s_hat, self.score,
-                                  id_weight, self.scalar_from, weights)[0].item()
-        s_hat = torch.exp(self.log_s_hat)
-        loss_grad, loss_id = squared_errors(*model(self.queries), s_hat, s_hat.unsqueeze(1) * self.score,
-                                            weights)
-        return float(loss_grad + id_weight * loss_id)
-
     def losses(self, model, id_weight=1.0):
-        """The judges of early stopping: [plain mean], or with row weights [plain mean, weighted
-        mean]; the last one chooses the weights kept."""
-        plain = self.loss(model, id_weight, weighted=False)
-        return [plain] if self.weights is None else [plain, self.loss(model, id_weight)]
+        """The judges of early stopping, from one pass of the model: [plain mean], or with row
+        weights [plain mean, weighted mean]; the last one chooses the weights kept."""
+        judges = [None] if self.weights is None else [None, self.weights]
+        if model.param == "log":
+            outputs = model.raw(self.queries, self.level_eps if model.levels else None)
+            return [log_regression_of(*outputs, self.level_eps, self.log_s_hat, self.score, id_weight,
+                                      self.scalar_from, weights)[0].item() for weights in judges]
+        s, g = model(self.queries)
+        s_hat = torch.exp(self.log_s_hat)
+        return [float(loss_grad + id_weight * loss_id) for loss_grad, loss_id in
+                (squared_errors(s, g, s_hat, s_hat.unsqueeze(1) * self.score, weights) for weights in judges)]
+
+    def loss(self, model, id_weight=1.0):
+        """The judge whose best the trainer keeps: the weighted mean where there are row weights."""
+        return self.losses(model, id_weight)[-1]
