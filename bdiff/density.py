@@ -68,7 +68,8 @@ def select_eps(fields_net, val_rows, refs, log_c, candidates, seed=0):
     log p̂_ε(val) - log Z_ε, among the candidates (ascending) up to the first whose Z cannot be
     reliably estimated; the first candidate when its own Z cannot be (high D: only broad
     levels would qualify, and they trade sharpness for a likelihood no one can check).
-    Returns (ε, [(ε, score, Z, se)])."""
+    Returns (ε, [(ε, score, Z, se)]) for the candidates up to the first unreliable one: no later
+    one can be chosen, so their normalisers are not estimated."""
     scores = []
     for eps in candidates:
         def log_p(x, eps=eps):
@@ -76,11 +77,9 @@ def select_eps(fields_net, val_rows, refs, log_c, candidates, seed=0):
         z, se = normaliser(log_p, refs, eps, n=8192, seed=seed)
         score = float(log_p(val_rows).mean()) - math.log(max(z, 1e-300))
         scores.append((eps, score, z, se))
-    usable = []
-    for item in scores:
-        if not reliable(item[2], item[3]):
+        if not reliable(z, se):
             break
-        usable.append(item)
+    usable = [item for item in scores if reliable(item[2], item[3])]
     return (max(usable, key=lambda item: item[1])[0] if usable else candidates[0]), scores
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
 from bdiff.datasets import BUILTINS
 from bdiff.metrics import energy_distance, mmd, mode_weight_error, sliced_wasserstein
@@ -267,3 +268,27 @@ def test_a_flow_density_is_the_headline_over_a_bounded_subset(rng, monkeypatch):
     assert model.flow_rows == report["loglik_rows"] == 120
     assert report["loglik"] == pytest.approx(exact - 1.0, abs=0.2)  # a subset's mean
     assert report["loglik_field"] == pytest.approx(exact, abs=0.03)  # the field's, every row
+
+
+def test_the_eps_search_stops_estimating_normalisers_at_the_first_unreliable_one(monkeypatch):
+    """Past the first candidate whose normaliser cannot be estimated no level can be chosen, so
+    its importance sampling is not run for the rest (2 s of a 2-D fit's 60 s)."""
+    import bdiff.density as density
+    from bdiff.fields import FieldModel
+    calls = []
+
+    def fake_normaliser(log_p, rows, eps, n, seed):
+        calls.append(eps)
+        return (1.0, 0.01) if eps < 0.02 else (1.0, 0.5)  # reliable below 0.02 only
+
+    monkeypatch.setattr(density, "normaliser", fake_normaliser)
+    net = FieldModel(2, width=8, depth=1, param="log", levels=(1e-3, 1.0))
+    rows = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    candidates = [0.005, 0.01, 0.03, 0.06, 0.12]
+    eps, scores = density.select_eps(net, rows[:10], rows[10:], 0.0, candidates)
+    assert calls == [0.005, 0.01, 0.03]
+    assert [item[0] for item in scores] == [0.005, 0.01, 0.03]
+    assert eps in (0.005, 0.01)
+    calls.clear()
+    eps, scores = density.select_eps(net, rows[:10], rows[10:], 0.0, [0.03, 0.06])
+    assert calls == [0.03] and eps == 0.03  # the first kept when even its own is unreliable
