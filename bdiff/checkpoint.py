@@ -22,7 +22,7 @@ META_KEY = "bdiff"
 def save_checkpoint(path, model, ema, optimizer, generator, meta):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for index, state in optimizer.state_dict()["state"].items():
+    for index, state in optimizer.state_dict().items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     tensors["rng"] = generator.get_state()
@@ -182,10 +182,10 @@ def split_state(tensors, prefix):
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def optimizer_state(tensors, optimizer):
-    """Rebuild an optimiser state_dict from the flat tensors, keeping the current param groups."""
+def optimizer_state(tensors):
+    """The optimiser's state (parameter index -> its named tensors) from the flat tensors."""
     state = {}
     for key, value in split_state(tensors, "optim").items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    return state

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from bdiff.adam import Adam
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_image
@@ -267,7 +268,7 @@ class Trainer:
                                 self.cfg.param, self.levels, self.cfg.fourier,
                                 FOURIER_REACH / math.sqrt(self.eps_train), self.cfg.seed).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.optimizer = Adam(self.model.parameters(), lr=self.cfg.lr)
 
     def meta(self):
         return {"config": asdict(self.cfg), "eps": self.eps, "eps_train": self.eps_train, "log_c": self.log_c,
@@ -316,7 +317,7 @@ class Trainer:
             self._build()
             self.model.load_state_dict(split_state(tensors, "model"))
             self.ema.load_state_dict(split_state(tensors, "ema"))
-            self.optimizer.load_state_dict(optimizer_state(tensors, self.optimizer))
+            self.optimizer.load_state_dict(optimizer_state(tensors))
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise BdiffError(f"{path} is inconsistent with its own configuration: {err}")
         self.generator.set_state(tensors["rng"])
@@ -330,15 +331,14 @@ class Trainer:
         return self.cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train_step(self):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.lr = self.learning_rate(self.step)
         refs, source_weights = self.refs_for_step()
         loss, loss_grad, loss_id = field_loss(self.model, refs, self.eps_train, self.log_c, self.cfg,
                                               self.generator, self.cfg.backend, source_weights)
         if not math.isfinite(loss.item()):
             raise BdiffError(f"training diverged at step {self.step} (loss {loss.item()}); "
                              "try a smaller --lr or a larger --eps")
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
