@@ -350,7 +350,3 @@ class ValidationSet:
         s_hat = torch.exp(self.log_s_hat)
         return [float(loss_grad + id_weight * loss_id) for loss_grad, loss_id in
                 (squared_errors(s, g, s_hat, s_hat.unsqueeze(1) * self.score, weights) for weights in judges)]
-
-    def loss(self, model, id_weight=1.0):
-        """The judge whose best the trainer keeps: the weighted mean where there are row weights."""
-        return self.losses(model, id_weight)[-1]

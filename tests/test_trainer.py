@@ -159,7 +159,7 @@ def test_training_stops_when_the_validation_loss_stalls_and_keeps_the_best_weigh
     assert len(trainer.val_rows) == 100 and len(trainer.refs) == 900
     trainer.run()
     assert trainer.stopped_early and trainer.step < 3000
-    assert trainer.validation.loss(trainer.ema) == pytest.approx(trainer.best_val, rel=1e-6)
+    assert trainer.validation.losses(trainer.ema)[-1] == pytest.approx(trainer.best_val, rel=1e-6)
     assert trainer.best_val == min(loss for _, loss in trainer.val_history)
 
 
@@ -284,9 +284,9 @@ def test_a_weighted_validation_loss_is_the_mean_of_the_groups_losses(mixture_sma
         per_group.append(log_regression(model, validation.queries[queries], validation.level_eps[queries],
                                         validation.log_s_hat[queries], validation.score[queries], 1.0,
                                         validation.scalar_from)[0].item())
-    assert validation.loss(model) == pytest.approx(sum(per_group) / 2, rel=1e-5)
+    assert validation.losses(model)[-1] == pytest.approx(sum(per_group) / 2, rel=1e-5)
     plain = ValidationSet(held, refs, 0.05, 0.0, levels, torch.Generator().manual_seed(0))
-    assert plain.loss(model) != pytest.approx(validation.loss(model), rel=1e-3)
+    assert plain.losses(model)[-1] != pytest.approx(validation.losses(model)[-1], rel=1e-3)
 
 
 def test_batch_size_follows_the_data_size(mixture_small):
@@ -380,9 +380,9 @@ def test_the_trainers_adam_is_torchs_adam_to_the_bit():
             group["lr"] = lr
         for net, optimizer in ((ours_net, ours), (theirs_net, theirs)):
             optimizer.zero_grad()
-            net_scalar_only = step % 5 == 4  # the score network gets no gradient on these steps
+            scalar_only = step % 5 == 4  # the score network gets no gradient on these steps
             a, b = net.raw(x, torch.full((64,), 0.1))
-            (a.pow(2).mean() if net_scalar_only else a.pow(2).mean() + b.pow(2).mean()).backward()
+            (a.pow(2).mean() if scalar_only else a.pow(2).mean() + b.pow(2).mean()).backward()
             optimizer.step()
         if step == 20:
             saved = {index: {k: v.clone() for k, v in state.items()} for index, state in ours.state_dict().items()}
