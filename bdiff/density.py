@@ -167,13 +167,18 @@ def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
     score `field_score`, None when unknown) predicts them better. The suite's data sets measured
     best anywhere from ε itself (wine) to ε_min (diabetes): the network's score generalises below
     the level where its scalar field, whose normaliser explodes there, does (NOTES.md). The
-    first FLOW_ROWS validation rows judge (they are a random draw). Returns (ε or None,
-    [(ε, score)])."""
+    first FLOW_ROWS validation rows judge (they are a random draw). The score over the levels
+    rose to one peak and fell on every fit measured (NOTES.md), so the search goes down from ε
+    and stops at the first level that scores worse than the one above it. Returns (ε or None,
+    [(ε, score)] of the levels tried)."""
     val_rows = val_rows[:FLOW_ROWS]
     eps_min = fields_net.levels[0]
     candidates = [eps / 4 ** k for k in range(candidates_down) if eps / 4 ** k > eps_min] + [eps_min]
-    scores = [(level, float(flow_log_density(fields_net, val_rows, level, FLOW_SELECT_STEPS).mean()))
-              for level in candidates]
+    scores = []
+    for level in candidates:
+        scores.append((level, float(flow_log_density(fields_net, val_rows, level, FLOW_SELECT_STEPS).mean())))
+        if len(scores) > 1 and scores[-1][1] < scores[-2][1]:
+            break
     best = max(scores, key=lambda item: item[1])
     if field_score is not None and field_score >= best[1]:
         return None, scores

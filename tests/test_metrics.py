@@ -292,3 +292,28 @@ def test_the_eps_search_stops_estimating_normalisers_at_the_first_unreliable_one
     calls.clear()
     eps, scores = density.select_eps(net, rows[:10], rows[10:], 0.0, [0.03, 0.06])
     assert calls == [0.03] and eps == 0.03  # the first kept when even its own is unreliable
+
+
+def test_the_flow_level_search_stops_at_the_first_level_that_predicts_worse(monkeypatch):
+    """The validation likelihood over the flow's start levels rises to one peak and falls (every
+    checkpoint measured, NOTES.md), so the levels below the first one that scores worse than its
+    predecessor are not integrated (each is 16 RK4 steps of backward passes)."""
+    import bdiff.density as density
+    from bdiff.fields import FieldModel
+    heights = {0.64: -2.0, 0.16: -1.5, 0.04: -1.6, 0.01: -1.2, 0.0025: -1.1, 1e-3: -1.0}  # a second peak
+    calls = []
+
+    def fake_flow(fields_net, rows, eps, steps):
+        calls.append(eps)
+        return torch.full((len(rows),), heights[round(eps, 6)], dtype=torch.float64)
+
+    monkeypatch.setattr(density, "flow_log_density", fake_flow)
+    net = FieldModel(2, width=8, depth=1, param="log", levels=(1e-3, 10.0))
+    rows = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    eps, scores = density.select_flow_eps(net, rows, 0.64, None)
+    assert calls == [0.64, 0.16, 0.04] and eps == 0.16
+    assert scores == [(0.64, -2.0), (0.16, -1.5), (0.04, -1.6)]
+    assert density.select_flow_eps(net, rows, 0.64, -1.4)[0] is None  # the field density wins
+    heights.update({0.04: -1.4})
+    calls.clear()
+    assert density.select_flow_eps(net, rows, 0.64, None)[0] == 1e-3 and len(calls) == 6
