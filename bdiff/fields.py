@@ -112,52 +112,27 @@ class FieldModel(nn.Module):
         level-conditioned model at ε (a number or one per row; None: ε_min). score_only: log
         fields from two networks skip the scalar one (a is then None): annealing needs the
         score alone, and the scalar network was half its time."""
-        inputs = level = None
-        if self.levels is None:
-            inputs = torch.cat([x] + (self._fourier_features(x) if self.fourier else []), 1)
-        else:
+        if self.levels is not None:
             level = torch.as_tensor(self.levels[0] if eps is None else eps, dtype=x.dtype, device=x.device)
             eps = level.expand(x.shape[0])
             spread = (1 + eps).unsqueeze(1)  # p_ε's variance per dimension for standardised data
-            x_in = x / spread.sqrt()
-            if level.dim() > 0:
-                inputs = [x_in, level_features(eps, self.levels)]
-                if self.fourier:
-                    inputs += self._fourier_features(x_in, eps / (1 + eps))
-                inputs = torch.cat(inputs, 1)
-
-        def run(net):
-            return net(inputs) if inputs is not None else self._at_one_level(net, x_in, level)
-
+            inputs = [x / spread.sqrt(), level_features(eps, self.levels)]
+        else:
+            inputs = [x]
+        if self.fourier:
+            # a batch at one level (the samplers') is damped once, not once per row
+            blur = None if self.levels is None else (level / (1 + level)).reshape(-1)
+            inputs += self._fourier_features(inputs[0], blur)
+        inputs = torch.cat(inputs, 1)
         if self.arch == "shared":
-            out = run(self.net)
+            out = self.net(inputs)
             a, b = out[:, 0], out[:, 1:]
         else:
             skip = score_only and self.param == "log"
-            a, b = None if skip else run(self.scalar_net)[:, 0], run(self.gradient_net)
+            a, b = None if skip else self.scalar_net(inputs)[:, 0], self.gradient_net(inputs)
         if self.levels is not None:
             b = b / (spread * eps.unsqueeze(1)).sqrt() - x / spread
         return a, b
-
-    def _at_one_level(self, net, x_in, level):
-        """net on a batch at one level (the samplers' and the flow density's passes), the level's
-        constant inputs folded into the first layer: its level features into the bias, its
-        Fourier damping into the weights. No concatenated input and a ninth fewer products in
-        the first layer: 200 levels of 10 000 2-D particles 7.5 → 6.9 s on a slow 2-core machine
-        (NOTES.md). The inputs are those of the per-row path, in the same order."""
-        first, dim, count = net[0], self.dim, self.fourier
-        weight = first.weight
-        bias = first.bias + weight[:, dim:dim + LEVEL_FEATURES] @ level_features(level.reshape(1), self.levels)[0]
-        hidden = torch.addmm(bias, x_in, weight[:, :dim].t())
-        if count:
-            phase = x_in @ self.frequencies
-            damp = torch.exp(-0.5 * self.frequencies.pow(2).sum(0) * (level / (1 + level)))
-            damped = weight[:, dim + LEVEL_FEATURES:] * torch.cat([damp, damp])  # sin's, then cos's
-            hidden = torch.addmm(hidden, torch.sin(phase), damped[:, :count].t())
-            hidden = torch.addmm(hidden, torch.cos(phase), damped[:, count:].t())
-        for layer in net[1:]:
-            hidden = layer(hidden)
-        return hidden
 
     def _fourier_features(self, x, blur=None):
         """sin and cos of w·x; at a noise level, each damped by exp(-|w|² blur / 2): the

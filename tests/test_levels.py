@@ -155,34 +155,6 @@ def test_level_model_contract():
         FieldModel(5, 16, 2, param="log", levels=(1.0, 0.5))
 
 
-@pytest.mark.parametrize("dim,arch,fourier", [(1, "separate", 7), (3, "separate", 0), (2, "shared", 5)])
-def test_a_batch_at_one_level_gives_the_fields_of_that_level_given_per_row(dim, arch, fourier):
-    """The samplers pass one level for a whole batch, and that path folds the level's constant
-    inputs into the first layer; it must give what the same level given row by row gives (the
-    training path), fields and their gradients in x (the flow density's divergence)."""
-    torch.manual_seed(1)
-    model = FieldModel(dim, 24, 2, arch=arch, param="log", levels=(1e-3, 10.0), fourier=fourier,
-                       fourier_reach=9.0).double()
-    x = torch.randn(13, dim, dtype=torch.float64)
-    for level in (1e-3, 0.037, 4.5):
-        per_row = torch.full((13,), level, dtype=torch.float64)
-        one = [model.raw(x.clone().requires_grad_(True), level, score_only=only) for only in (False, True)]
-        rows = [model.raw(x.clone().requires_grad_(True), per_row, score_only=only) for only in (False, True)]
-        for (a_one, b_one), (a_rows, b_rows) in zip(one, rows):
-            assert (a_one is None) == (a_rows is None)
-            if a_one is not None:
-                assert torch.allclose(a_one, a_rows, rtol=1e-12, atol=1e-12)
-            assert torch.allclose(b_one, b_rows, rtol=1e-12, atol=1e-12)
-        x_one, x_rows = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        (grad_one,) = torch.autograd.grad(model.raw(x_one, level)[1].sum(), x_one)
-        (grad_rows,) = torch.autograd.grad(model.raw(x_rows, per_row)[1].sum(), x_rows)
-        assert torch.allclose(grad_one, grad_rows, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # in-place activations: the input must come back untouched
-        before = x.clone()
-        model.raw(x, 0.5)
-        assert torch.equal(x, before)
-
-
 def test_fourier_features_at_a_level_are_those_of_the_blurred_input():
     """At level ε the features are E[sin, cos(w·(u + n))] with n ~ N(0, ε/(1 + ε) I) on the
     scaled input u = x / sqrt(1 + ε): a broad level carries none of the detail its p_ε lacks."""
