@@ -318,11 +318,10 @@ TRIM_SHARE = 0.01
 def trimmed_log_regression(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from):
     """log_regression_of's plain mean with the largest TRIM_SHARE of the squared log s errors
     (over the levels where log s is fitted) left out of its log s term."""
+    _, loss_grad, _ = log_regression_of(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from)
     kept = slice(None) if scalar_from is None else level_eps >= scalar_from
     errors = (log_s - log_s_hat)[kept].double().pow(2).sort().values
-    loss_id = errors[:len(errors) - int(TRIM_SHARE * len(errors))].mean()
-    loss_grad = (level_eps * (score_model - score).pow(2).sum(1)).double().mean()
-    return float(loss_grad + id_weight * loss_id)
+    return loss_grad + id_weight * float(errors[:len(errors) - int(TRIM_SHARE * len(errors))].mean())
 
 
 class ValidationSet:
@@ -359,12 +358,14 @@ class ValidationSet:
         weights [plain mean, weighted mean]; the last one chooses the weights kept. For log
         fields the plain mean leaves out the largest TRIM_SHARE of the log s errors; the
         weighted one keeps every row (its small clusters are what it watches)."""
-        judges = [None] if self.weights is None else [None, self.weights]
         if model.param == "log":
             outputs = model.raw(self.queries, self.level_eps if model.levels else None)
             targets = (self.level_eps, self.log_s_hat, self.score, id_weight, self.scalar_from)
-            return [trimmed_log_regression(*outputs, *targets)] + [
-                log_regression_of(*outputs, *targets, self.weights)[0].item() for _ in judges[1:]]
+            judges = [trimmed_log_regression(*outputs, *targets)]
+            if self.weights is not None:
+                judges.append(log_regression_of(*outputs, *targets, self.weights)[0].item())
+            return judges
+        judges = [None] if self.weights is None else [None, self.weights]
         s, g = model(self.queries)
         s_hat = torch.exp(self.log_s_hat)
         return [float(loss_grad + id_weight * loss_id) for loss_grad, loss_id in
