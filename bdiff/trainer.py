@@ -361,8 +361,8 @@ class Trainer:
         stop: in `patience` checks no judge's loss has fallen by VAL_TOLERANCE of its fall so
         far. The judges are the plain mean (without the largest TRIM_SHARE of its log s errors:
         a sparse tail's few rows stopped a banana at 900 steps) and, on wide tables, the mean of
-        the clusters' losses (_validation_weights); either may stall first, and stopping on the first cost
-        the small modes' weights on unbalanced5d's draws (NOTES.md).
+        the clusters' losses (_validation_weights); either may stall first, and stopping on the
+        first cost the small modes' weights on unbalanced5d's draws (NOTES.md).
         (A share of the loss itself stopped digits after 14 s of a 67 s run: the score targets'
         noise at the smallest levels is a floor under the loss, NOTES.md.) The best weights by
         the last judge from MIN_QUERY_PASSES on are kept.
