@@ -295,8 +295,13 @@ def log_regression_of(log_s, score_model, level_eps, log_s_hat, score, id_weight
         if weights is not None:
             keep = keep * weights.to(log_s.dtype)
         loss_id = ((log_s - log_s_hat).pow(2) * keep).sum() / keep.sum().clamp_min(1e-30)
-    loss_grad = weighted_mean(level_eps * (score_model - score).pow(2).sum(1), weights)
+    loss_grad = score_term(score_model, level_eps, score, weights)
     return loss_grad + id_weight * loss_id, float(loss_grad.detach()), float(loss_id.detach())
+
+
+def score_term(score_model, level_eps, score, weights=None):
+    """The score's part of log_regression: mean ε‖∇log s - ĝ/ŝ‖² (or weighted by `weights`)."""
+    return weighted_mean(level_eps * (score_model - score).pow(2).sum(1), weights)
 
 
 def split_validation(rows, fraction, generator, min_rows=8):
@@ -318,10 +323,10 @@ TRIM_SHARE = 0.01
 def trimmed_log_regression(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from):
     """log_regression_of's plain mean with the largest TRIM_SHARE of the squared log s errors
     (over the levels where log s is fitted) left out of its log s term."""
-    _, loss_grad, _ = log_regression_of(log_s, score_model, level_eps, log_s_hat, score, id_weight, scalar_from)
     kept = slice(None) if scalar_from is None else level_eps >= scalar_from
     errors = (log_s - log_s_hat)[kept].double().pow(2).sort().values
-    return loss_grad + id_weight * float(errors[:len(errors) - int(TRIM_SHARE * len(errors))].mean())
+    loss_id = errors[:len(errors) - int(TRIM_SHARE * len(errors))].mean()
+    return float(score_term(score_model, level_eps, score)) + id_weight * float(loss_id)
 
 
 class ValidationSet:
