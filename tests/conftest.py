@@ -2,15 +2,22 @@ import os
 
 # Triton kernels run on the CPU interpreter in tests; it must be set before Triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (-n N) each of the N workers takes its share of the cores, and so do the
+# commands the tests start (bdiff honours OMP_NUM_THREADS): N workers each on every core would
+# oversubscribe them.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import numpy as np
 import pytest
 import torch
 
+from bdiff.backend import use_all_cores
 from bdiff.datasets import BUILTINS
 from bdiff.trainer import FitConfig, Trainer
 
-torch.set_num_threads(2)
+use_all_cores()  # or OMP_NUM_THREADS of them
 
 TINY = dict(steps=60, width=32, depth=2, batch_size=256, checkpoint_every=20)
 

@@ -381,3 +381,23 @@ def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_p
         said[flag] = result.output
     assert re.search(r"\d+\.\d+ % drawn again below the density of the data's lowest 0\.1 %", said["--trim"])
     assert "drawn again" not in said["--no-trim"]
+
+
+@pytest.mark.parametrize("setting, expected", [("1", 1), (None, os.cpu_count())])
+def test_commands_use_every_core_unless_omp_num_threads_says_otherwise(tiny_checkpoint, monkeypatch,
+                                                                       setting, expected):
+    """A user running several jobs at once sets OMP_NUM_THREADS; a command that took every core
+    anyway would oversubscribe them (times 3-10x on 2 cores)."""
+    import torch
+    threads = torch.get_num_threads()
+    if setting is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", setting)
+    try:
+        torch.set_num_threads(3)
+        result = invoke("sample", "-c", tiny_checkpoint, "--n", 50, "--steps", 3, "-o", "s.npy")
+        assert result.exit_code == 0, result.stderr
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)
