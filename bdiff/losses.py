@@ -115,10 +115,20 @@ BALANCE_FIT_ROWS = 2000  # rows the clustering of cluster_balanced_weights is fi
 BALANCE_MAX_CLUSTERS = 8
 
 
-def cluster_balanced_weights(rows, power, seed, clusters_of=None):
+def data_clusters(rows, seed):
+    """The clusters cluster_balanced_weights weighs by: a Gaussian mixture chosen by BIC
+    (scikit-learn) on up to BALANCE_FIT_ROWS of `rows`; None for fewer than two rows (one
+    cluster)."""
+    values = rows.double().cpu().numpy()
+    if len(values) < 2:
+        return None
+    values = values[np.random.default_rng(seed).permutation(len(values))[:BALANCE_FIT_ROWS]]
+    return bic_gaussian_mixture(values, min(BALANCE_MAX_CLUSTERS, len(values) // 2), seed, reg_covar=1e-4)
+
+
+def cluster_balanced_weights(rows, power, clusters):
     """Per-row weights ∝ (share of the row's cluster among `rows`)^-power: at power 1 every
-    cluster gets the same total. Clusters: a Gaussian mixture chosen by BIC (scikit-learn) on up
-    to BALANCE_FIT_ROWS of `clusters_of` (default: `rows`).
+    cluster gets the same total. Clusters: data_clusters of the training rows.
 
     Level queries draw their source rows by these weights (`--query-balance`): a small mode gets
     few queries with uniform sources, and the score network, stopped by its step budget, fits it
@@ -126,13 +136,10 @@ def cluster_balanced_weights(rows, power, seed, clusters_of=None):
     against the training rows 0.019; 0.006 at power 1; NOTES.md). The targets do not change, only
     where the regression looks; a ring or a checkerboard, split into clusters of equal share,
     keeps uniform sources. Early stopping weighs the validation rows by them (Trainer)."""
-    fit_values = (rows if clusters_of is None else clusters_of).double().cpu().numpy()
-    if len(fit_values) < 2:  # one row is one cluster
+    if clusters is None:
         return torch.ones(len(rows), dtype=torch.float64, device=rows.device)
-    fit_values = fit_values[np.random.default_rng(seed).permutation(len(fit_values))[:BALANCE_FIT_ROWS]]
-    mixture = bic_gaussian_mixture(fit_values, min(BALANCE_MAX_CLUSTERS, len(fit_values) // 2), seed, reg_covar=1e-4)
-    labels = mixture.predict(rows.double().cpu().numpy())
-    share = np.bincount(labels, minlength=mixture.n_components) / len(labels)
+    labels = clusters.predict(rows.double().cpu().numpy())
+    share = np.bincount(labels, minlength=clusters.n_components) / len(labels)
     return torch.as_tensor(share[labels] ** -power, dtype=torch.float64, device=rows.device)
 
 

@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ from bdiff.density import reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
-                          cluster_balanced_weights, field_loss, heldout_bandwidth, log_normaliser,
+                          cluster_balanced_weights, data_clusters, field_loss, heldout_bandwidth, log_normaliser,
                           noise_levels, split_validation)
 from bdiff.sampler import support_floor
 
@@ -255,12 +256,17 @@ class Trainer:
         their time budget."""
         if not table_with_levels or self.dim <= LOW_DIM or len(self.val_rows) < MIN_STOPPING_ROWS:
             return None
-        return cluster_balanced_weights(self.val_rows, 1.0, self.cfg.seed, clusters_of=self.refs)
+        return cluster_balanced_weights(self.val_rows, 1.0, self._clusters)
 
     def _source_weights(self):
         if self.levels is None or not self.cfg.query_balance:
             return None
-        return cluster_balanced_weights(self.refs, self.cfg.query_balance, self.cfg.seed)
+        return cluster_balanced_weights(self.refs, self.cfg.query_balance, self._clusters)
+
+    @functools.cached_property
+    def _clusters(self):
+        """The training rows' clusters, fitted once for the query weights and the judge's."""
+        return data_clusters(self.refs, self.cfg.seed)
 
     def _build(self):
         torch.manual_seed(self.cfg.seed)

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from bdiff.checkpoint import read_checkpoint
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
-from bdiff.losses import (TRIM_SHARE, ValidationSet, bandwidth, cluster_balanced_weights, divergence, draw_queries,
-                          log_normaliser, log_regression, smoothed_data_queries, smoothed_targets)
+from bdiff.losses import (TRIM_SHARE, ValidationSet, bandwidth, cluster_balanced_weights, data_clusters,
+                          divergence, draw_queries, log_normaliser, log_regression, smoothed_data_queries,
+                          smoothed_targets)
 from bdiff.model import TrainedModel
 from bdiff.sampler import support_floor
 from bdiff.trainer import MIN_QUERY_PASSES, FitConfig, Trainer
@@ -347,13 +348,14 @@ def test_balanced_query_weights_give_each_cluster_the_same_share():
     rows = _two_clusters()
     in_small = torch.arange(len(rows)) >= 1900
     for power, expected in ((1.0, 0.5), (0.5, 0.05**0.5 / (0.05**0.5 + 0.95**0.5))):
-        weights = cluster_balanced_weights(rows, power, seed=0)
+        weights = cluster_balanced_weights(rows, power, data_clusters(rows, 0))
         assert float(weights[in_small].sum() / weights.sum()) == pytest.approx(expected, abs=0.01)
     one = torch.as_tensor(np.random.default_rng(1).normal(0, 1, (2000, 2)))
-    weights = cluster_balanced_weights(one, 1.0, seed=0)
+    weights = cluster_balanced_weights(one, 1.0, data_clusters(one, 0))
     assert float(weights.max() / weights.min()) == pytest.approx(1.0)
     for few in (1, 2, 3):  # too few rows for more than one cluster
-        assert torch.equal(cluster_balanced_weights(one[:few], 1.0, seed=0), torch.ones(few, dtype=torch.float64))
+        weights = cluster_balanced_weights(one[:few], 1.0, data_clusters(one[:few], 0))
+        assert torch.equal(weights, torch.ones(few, dtype=torch.float64))
 
 
 def test_level_queries_draw_their_rows_by_the_source_weights():
@@ -437,3 +439,16 @@ def test_a_fit_does_not_import_the_compiler():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_query_balance_and_the_clusters_judge_share_one_clustering(monkeypatch):
+    """A 3-D table with --query-balance weighs its level queries and its validation rows by the
+    same clusters of the training rows: one BIC mixture fit, not two."""
+    import bdiff.losses
+    fits = []
+    original = bdiff.losses.bic_gaussian_mixture
+    monkeypatch.setattr(bdiff.losses, "bic_gaussian_mixture", lambda *a, **k: fits.append(1) or original(*a, **k))
+    rows = np.random.default_rng(0).normal(0, 1, (1500, 3))
+    trainer = Trainer(rows, FitConfig(steps=1, width=16, depth=1, query_balance=1.0))
+    assert trainer.source_weights is not None and trainer.validation.row_weights is not None
+    assert len(fits) == 1
