@@ -23,7 +23,12 @@ class Adam:
 
     @torch.no_grad()
     def step(self):
+        """One update of every parameter with a gradient. The same element operations as
+        torch's single-tensor path, each applied to a list of tensors in one call: per tensor
+        and operation from Python, the update was 2 ms of every 23 ms training step on a slow
+        2-core machine (16 small tensors, 7 operations each; NOTES.md)."""
         beta1, beta2 = self.betas
+        by_step = {}  # parameters that missed a step (no gradient then) count their own steps
         for index, param in enumerate(self.params):
             if param.grad is None:
                 continue
@@ -32,11 +37,19 @@ class Adam:
                 state = self.state[index] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
                                              "exp_avg_sq": torch.zeros_like(param)}
             state["step"] += 1
-            step = state["step"].item()
-            state["exp_avg"].lerp_(param.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
-            param.addcdiv_(state["exp_avg"], denom, value=-(self.lr / (1 - beta1**step)))
+            by_step.setdefault(state["step"].item(), []).append((param, state))
+        for step, group in by_step.items():
+            params = [param for param, _ in group]
+            grads = [param.grad for param in params]
+            exp_avgs = [state["exp_avg"] for _, state in group]
+            exp_avg_sqs = [state["exp_avg_sq"] for _, state in group]
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denoms, (1 - beta2**step) ** 0.5)
+            torch._foreach_add_(denoms, self.eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, value=-(self.lr / (1 - beta1**step)))
 
     def state_dict(self):
         return self.state
