@@ -349,8 +349,7 @@ class Trainer:
         self.optimizer.step()
         with torch.no_grad():
             decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-            for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
         self.step += 1
         return loss.item(), loss_grad, loss_id
 
