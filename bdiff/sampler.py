@@ -75,7 +75,7 @@ def default_sample_config(param, leveled=False, image=False, **overrides):
     """Measured defaults (NOTES.md). Models with noise levels: annealing down the levels (local
     dynamics at one small ε weigh each bump of p_ε by its basin, not its mass), 200 of them,
     corrected by the learned density (smc): on 15 fresh draws of five unbalanced mixtures its
-    mode-weight error against the law was lower on 13 (means 0.0113 -> 0.0072; on 18 of 24
+    mode-weight error against the law was lower on 14 (means 0.0104 -> 0.0060; on 19 of 24
     draws of eight laws, its cost a 10-D mixture). Image data: IMAGE_LEVELS levels (finer
     steps in 64-D; DDPM takes 1000), annealing alone (what their figures were measured with).
     Log fields without levels: s spans hundreds of nats, so importance weights degenerate and
