@@ -215,7 +215,8 @@ def _log_domain_loss(model, refs, eps, log_c, cfg, generator, backend, source_we
             n_data, n_wide = size // 4, int(cfg.wide_share * size)
             q, exclude = smoothed_data_queries(refs, size, level, generator, source_weights)
             q[:n_data] = refs[exclude[:n_data]]
-            q[size - n_wide:] += (q[size - n_wide:] - refs[exclude[size - n_wide:]]) * (WIDE_NOISE - 1)
+            if n_wide:
+                q[size - n_wide:] += (q[size - n_wide:] - refs[exclude[size - n_wide:]]) * (WIDE_NOISE - 1)
         queries.append(q)
         excludes.append(exclude)
         level_eps.append(torch.full((size,), level, dtype=q.dtype, device=q.device))

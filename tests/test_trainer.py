@@ -452,3 +452,28 @@ def test_query_balance_and_the_clusters_judge_share_one_clustering(monkeypatch):
     trainer = Trainer(rows, FitConfig(steps=1, width=16, depth=1, query_balance=1.0))
     assert trainer.source_weights is not None and trainer.validation.row_weights is not None
     assert len(fits) == 1
+
+
+def test_level_queries_are_rows_noised_rows_and_wide_ones(monkeypatch):
+    """Per level ε: a quarter of the queries are the rows themselves, the rest rows plus
+    N(0, εI), the last wide_share of them WIDE_NOISE times wider. One row at the origin makes
+    each query its own offset from its row."""
+    import bdiff.losses
+    from bdiff.losses import LEVEL_GROUPS, WIDE_NOISE, field_loss
+    seen = []
+
+    def record(queries, refs, eps, excludes, backend):
+        seen.append((queries.clone(), eps.clone()))
+        return torch.zeros(len(queries)), torch.zeros_like(queries)
+
+    monkeypatch.setattr(bdiff.losses, "field_matching", record)
+    model = FieldModel(2, width=8, depth=1, param="log", levels=(1e-3, 1.0))
+    size = 4000
+    cfg = FitConfig(batch_size=LEVEL_GROUPS * size, wide_share=0.25)
+    field_loss(model, torch.zeros(1, 2), 0.01, 0.0, cfg, torch.Generator().manual_seed(0))
+    queries, eps = seen[0]
+    for group in range(LEVEL_GROUPS):
+        q, level = queries[group * size:(group + 1) * size], float(eps[group * size])
+        assert torch.all(q[:size // 4] == 0)
+        assert float(q[size // 4:size * 3 // 4].std()) == pytest.approx(level ** 0.5, rel=0.05)
+        assert float(q[size * 3 // 4:].std()) == pytest.approx(WIDE_NOISE * level ** 0.5, rel=0.05)
