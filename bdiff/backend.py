@@ -50,7 +50,7 @@ def draw(factory, *args, generator, device, **kwargs):
 
 def use_all_cores():
     """Every core for torch's threads, unless OMP_NUM_THREADS (a positive count) says how many:
-    several jobs on one machine each taking every core oversubscribe it (3-10x slower on 2)."""
+    several jobs on one machine each taking every core oversubscribe it."""
     setting = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = int(setting) if setting.isdigit() and int(setting) > 0 else os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -21,8 +21,8 @@ from bdiff.density import reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
-                          cluster_balanced_weights, data_clusters, field_loss, heldout_bandwidth, log_normaliser,
-                          noise_levels, split_validation)
+                          cluster_balanced_weights, data_clusters, field_loss, heldout_bandwidth,
+                          log_normaliser, noise_levels, split_validation)
 from bdiff.sampler import support_floor
 
 
