@@ -275,7 +275,8 @@ class Trainer:
                                 FOURIER_REACH / math.sqrt(self.eps_train), self.cfg.seed).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = Adam(self.model.parameters(), lr=self.cfg.lr)
-        # listed once: walking the modules for them every step took 1.4 % of a 2-D fit
+        # listed once, beside the optimiser's list of the model's (same order): walking the
+        # modules for them every step took 1.4 % of a 2-D fit
         self.ema_params = list(self.ema.parameters())
 
     def meta(self):

@@ -387,7 +387,7 @@ def test_sample_reports_its_trimmed_share_and_no_trim_keeps_every_particle(tmp_p
 def test_commands_use_every_core_unless_omp_num_threads_says_otherwise(tiny_checkpoint, monkeypatch,
                                                                        setting, expected):
     """A user running several jobs at once sets OMP_NUM_THREADS; a command that took every core
-    anyway would oversubscribe them (times 3-10x on 2 cores)."""
+    anyway would oversubscribe them."""
     import torch
     threads = torch.get_num_threads()
     if setting is None:
