@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from bdiff import __version__
-from bdiff.data import DISCRETE_MAX_VALUES, atomic_path
+from bdiff.data import DISCRETE_MAX_VALUES, POWER_RANGE, atomic_path
 from bdiff.errors import BdiffError
 
 FORMAT_VERSION = 3  # 2: tensor checksum; 3: preconditioned level fields down to ε_min below ε
@@ -117,10 +117,19 @@ def validate_meta(meta, tensors):
              f"standardizer {key} must be {dim} finite numbers")
     need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
     coding = standardizer.get("coding")
-    need(coding is None or (isinstance(coding, dict) and set(coding) == {"low", "high", "integer"}
-                            and number(coding["low"]) and number(coding["high"])
-                            and coding["low"] < coding["high"] and isinstance(coding["integer"], bool)),
-         f"standardizer coding must be null or {{low < high, integer}}, got {coding!r}")
+
+    def numbers(values, check=lambda v: True):
+        return isinstance(values, list) and len(values) == dim and all(number(v) and check(v) for v in values)
+
+    pixels = (isinstance(coding, dict) and set(coding) == {"low", "high", "integer"}
+              and number(coding["low"]) and number(coding["high"])
+              and coding["low"] < coding["high"] and isinstance(coding["integer"], bool))
+    powers = (isinstance(coding, dict) and set(coding) == {"center", "scale", "power"}
+              and numbers(coding["center"]) and numbers(coding["scale"], lambda v: v > 0)
+              and numbers(coding["power"], lambda v: POWER_RANGE[0] <= v <= POWER_RANGE[1]))
+    need(coding is None or pixels or powers,
+         f"standardizer coding must be null, {{low < high, integer}} or {dim} {{center, scale > 0, "
+         f"power in {list(POWER_RANGE)}}} each, got {coding!r}")
     discrete = standardizer.get("discrete", {})
     need(isinstance(discrete, dict) and all(
         key.isdigit() and int(key) < dim and isinstance(distinct, list)

@@ -16,13 +16,14 @@ import torch
 from bdiff.adam import Adam
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import PixelCoding, Standardizer, check_output, fingerprint, is_image
-from bdiff.density import reliable, select_eps, select_flow_eps
+from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, check_output,
+                        discrete_columns, fingerprint, is_image)
+from bdiff.density import clearly_better, reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
                           cluster_balanced_weights, data_clusters, field_loss, heldout_bandwidth,
-                          log_normaliser, noise_levels, split_validation)
+                          heldout_row_logliks, log_normaliser, noise_levels, split_validation)
 from bdiff.sampler import support_floor
 
 
@@ -100,6 +101,10 @@ class FitConfig:
     query_mix: tuple = (0.5, 0.3, 0.2)  # data, perturbed data, broad Gaussian
     perturb_scale: float = 2.0   # perturbed queries: data + N(0, (perturb_scale² ε) I)
     broad_std: float = 1.5       # broad queries: N(0, broad_std² I), covering the sampler's start
+    power: str = "auto"          # tables: Yeo-Johnson powers for skewed columns (PowerCoding); "on"
+    #                              wherever a column's fitted power is not near 1, "off", or "auto":
+    #                              where a kernel density predicts held-out rows clearly better with
+    #                              them (engel -13.79 -> -13.61, tips -5.05 -> -4.83; NOTES.md)
     pixel_logit: bool = True     # image data: model logit-coded pixels, dequantised when integer
     #                              (samples stay on the data's grid and in its range; NOTES.md)
     wide_share: float = 0.0      # level models: share of queries at 4 sqrt(ε) from the rows: it pins
@@ -146,6 +151,8 @@ class FitConfig:
         if self.level_sampling not in ("auto",) + LEVEL_SAMPLINGS:
             raise BdiffError(f"unknown --level-sampling {self.level_sampling!r}; choose auto, "
                              f"{', '.join(LEVEL_SAMPLINGS)}")
+        if self.power not in POWER_CHOICES:
+            raise BdiffError(f"unknown --power {self.power!r}; choose {', '.join(POWER_CHOICES)}")
         if self.arch not in ("auto", "shared", "separate"):
             raise BdiffError(f"unknown arch {self.arch!r}; choose auto, shared or separate")
         if not (self.id_weight > 0 and math.isfinite(self.id_weight)):
@@ -176,6 +183,41 @@ class FitConfig:
         return cfg
 
 
+POWER_CHOICES = ("auto", "on", "off")
+POWER_JUDGE_ROWS = 2000  # rows the column coding is judged on (about 0.3 s on 2 cores)
+POWER_JUDGE_FOLDS = 5  # each of them held out once: a table of 200 rows still gives 200 gains
+
+
+def column_coding(values, power, seed):
+    """The PowerCoding of a table's skewed columns, or None (power "off", or no column whose
+    fitted power is away from 1; columns of codes or counts, and constant ones, are left as they
+    are). "auto" keeps it only where a kernel density at its best ε (heldout_bandwidth's grid)
+    predicts the rows, each held out once (POWER_JUDGE_FOLDS folds), clearly better
+    (density.clearly_better) in data units with the coding than with plain standardisation: a
+    bimodal column's power warps its modes (faithful's eruptions: fitted power 1.57, held-out
+    log-likelihood -4.06 -> -4.12 with it), a skewed column's brings its tail in (NOTES.md)."""
+    if power == "off":
+        return None
+    rng = np.random.default_rng(seed)
+    if len(values) > POWER_PROBE_ROWS:  # a random subset: a file may be sorted by a column
+        values = values[np.sort(rng.choice(len(values), POWER_PROBE_ROWS, replace=False))]
+    probe = np.asarray(values, np.float64)
+    codes = set(discrete_columns(probe)) | set(np.flatnonzero(np.ptp(probe, 0) == 0).tolist())
+    coding = PowerCoding.fit(probe, skip=codes)
+    if coding is None or power == "on":
+        return coding
+    rows = probe[rng.permutation(len(probe))[:POWER_JUDGE_ROWS]]
+    folds = np.array_split(np.arange(len(rows)), POWER_JUDGE_FOLDS)
+    logliks = []
+    for candidate in (None, coding):
+        scale = Standardizer.fit(rows, coding=candidate)
+        coded = torch.from_numpy(scale.forward(rows))
+        per_row = [heldout_row_logliks(coded[fold], coded[np.setdiff1d(np.arange(len(rows)), fold)])
+                   for fold in folds]
+        logliks.append(np.concatenate(per_row) + scale.log_jacobian(rows))
+    return coding if clearly_better(logliks[1], logliks[0]) else None
+
+
 class Trainer:
     """Owns the model, EMA copy, optimiser and RNG; `run` trains and checkpoints."""
 
@@ -191,7 +233,14 @@ class Trainer:
         level_sampling_given = cfg.level_sampling != "auto"
         if not level_sampling_given:
             cfg.level_sampling = "log-normal" if image else "log-uniform"
-        coding = PixelCoding.fit(values) if image and cfg.pixel_logit else None
+        if image:
+            if cfg.power == "on":
+                raise BdiffError("--power codes the columns of a table; image data have --pixel-logit")
+            cfg.power = "off"
+            coding = PixelCoding.fit(values) if cfg.pixel_logit else None
+        else:
+            coding = column_coding(values, cfg.power, cfg.seed)
+            cfg.power = "off" if coding is None else "on"  # resolved: a resumed run codes alike
         self.standardizer = Standardizer.fit(values, pooled=image, coding=coding)
         if self.standardizer.constant.all():
             raise BdiffError(f"{source}: all rows are identical; there is no distribution to learn")
@@ -199,7 +248,7 @@ class Trainer:
         self.fingerprint = fingerprint(values)
         self.device = torch.device(cfg.device)
         noise = None  # integer pixels: one fixed dequantisation draw per value
-        if coding is not None and coding.integer:
+        if isinstance(coding, PixelCoding) and coding.integer:
             noise = np.random.default_rng(cfg.seed).random(values.shape, dtype=np.float32)
         rows = torch.from_numpy(self.standardizer.forward(values, noise)).to(self.device)
         self.dim = rows.shape[1]
@@ -304,7 +353,11 @@ class Trainer:
             raise BdiffError(f"{path} was trained on different data ({meta.get('source')}); "
                              "resume needs the same data set")
         # runs from before these options: log-uniform levels, no Fourier features
-        stored = FitConfig.from_dict({"level_sampling": "log-uniform", "fourier": 0, **meta["config"]})
+        stored = FitConfig.from_dict({"level_sampling": "log-uniform", "fourier": 0, "power": "off",
+                                      **meta["config"]})
+        if stored.power != self.cfg.power:  # the rows were coded otherwise when that run began
+            raise BdiffError(f"{path} was fitted with --power {stored.power}; resume it with --power "
+                             f"{stored.power}")
         for name in given:
             if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
                 continue

@@ -136,6 +136,7 @@ def test_fit_bad_data(tmp_path, content, message):
     (["--level-sampling", "log-normal", "--eps-max", "0"], "needs noise levels"),
     (["--fourier", "-2"], "--fourier"), (["--fourier", "100000"], "--fourier"),
     (["--query-balance", "1.5"], "--query-balance"), (["--query-balance", "nan"], "--query-balance"),
+    (["--power", "log"], "unknown --power"),
 ])
 def test_fit_bad_options(tmp_path, data_file, option, message):
     assert_clean_failure(invoke("fit", data_file, "-o", tmp_path / "m.safetensors", *FAST_FIT, *option),
@@ -150,6 +151,27 @@ def test_fit_with_query_balance_trains_and_records_it(tmp_path, data_file):
     assert read_checkpoint(out)[1]["config"]["query_balance"] == 1.0
     result = invoke("sample", "-c", out, "--n", 50, "-o", tmp_path / "s.npy", "--steps", 5)
     assert result.exit_code == 0, result.stderr
+
+
+def test_fit_codes_skewed_columns_and_says_so(tmp_path):
+    """A table with a long-tailed column: fit says which columns it coded and with which power,
+    the checkpoint keeps the coding, and the samples come back in data units."""
+    from bdiff.checkpoint import read_checkpoint
+    rng = np.random.default_rng(0)
+    table = np.column_stack([rng.lognormal(7, 0.9, 600), rng.normal(size=600)]).astype(np.float32)
+    data = tmp_path / "skewed.npy"
+    np.save(data, table)
+    out = tmp_path / "m.safetensors"
+    result = invoke("fit", data, "-o", out, *FAST_FIT)
+    assert result.exit_code == 0, result.stderr
+    assert "coded by Yeo-Johnson powers: 0 (0.00)" in result.stderr
+    meta = read_checkpoint(out)[1]
+    assert meta["config"]["power"] == "on" and meta["standardizer"]["coding"]["power"][1] == 1
+    result = invoke("sample", "-c", out, "--n", 200, "-o", tmp_path / "s.npy", "--steps", 5)
+    assert result.exit_code == 0, result.stderr
+    assert np.median(np.load(tmp_path / "s.npy")[:, 0]) > 100  # incomes, not their codes
+    result = invoke("fit", data, "-o", tmp_path / "plain.safetensors", *FAST_FIT, "--power", "off")
+    assert result.exit_code == 0 and "Yeo-Johnson" not in result.stderr
 
 
 def test_fit_missing_file_and_unwritable_output(tmp_path, data_file, monkeypatch):
