@@ -155,7 +155,8 @@ def fit_bdiff(train, test, n, seed):
                 normaliser=density["normaliser"],
                 normaliser_reliable=density["normaliser_reliable"],
                 normaliser_se=density["normaliser_se"], trimmed_share=report["trimmed_share"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
-                eps_scores=trainer.eps_model_scores, model=model)
+                eps_scores=trainer.eps_model_scores, model=model,
+                powers=getattr(model.standardizer.coding, "power", np.ones(train.shape[1])).tolist())
 
 
 def fit_kde(train, test, n, seed):
