@@ -184,7 +184,7 @@ class FitConfig:
 
 
 POWER_CHOICES = ("auto", "on", "off")
-POWER_JUDGE_ROWS = 2000  # rows the column coding is judged on (about 0.3 s on 2 cores)
+POWER_JUDGE_ROWS = 2000  # rows the column coding is judged on (0.5-0.6 s on 2 cores)
 POWER_JUDGE_FOLDS = 5  # each of them held out once: a table of 200 rows still gives 200 gains
 
 
@@ -352,7 +352,7 @@ class Trainer:
         if meta.get("fingerprint") != self.fingerprint:
             raise BdiffError(f"{path} was trained on different data ({meta.get('source')}); "
                              "resume needs the same data set")
-        # runs from before these options: log-uniform levels, no Fourier features
+        # runs from before these options: log-uniform levels, no Fourier features, no column powers
         stored = FitConfig.from_dict({"level_sampling": "log-uniform", "fourier": 0, "power": "off",
                                       **meta["config"]})
         if stored.power != self.cfg.power:  # the rows were coded otherwise when that run began
