@@ -221,3 +221,6 @@ def test_power_coding_round_trips_and_its_jacobian_is_the_derivative(rng):
     assert np.allclose(again.inverse(scale.forward(values)), values, rtol=1e-5)
     assert np.allclose(again.log_jacobian(points), scale.log_jacobian(points))
     assert PowerCoding.fit(rng.normal(size=(2000, 2))) is None  # nothing to code
+    # two tight clusters, 80/20: skewed, but a power would squeeze one and stretch the other
+    clusters = np.concatenate([rng.normal(-3, 0.15, 1600), rng.normal(3, 0.15, 400)])
+    assert PowerCoding.fit(np.column_stack([clusters, values[:, 0]])).power.tolist()[0] == 1
