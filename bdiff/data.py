@@ -458,6 +458,17 @@ class Standardizer:
         return cls(mean, np.asarray(d["std"], dtype=np.float64), constant, coding, discrete)
 
 
+def check_fit_output(output, data, resume, force):
+    """The checkpoint path of a fit, checked before any work: an existing file needs --resume or
+    --force, --resume needs one, and the input data is never the output."""
+    exists = os.path.exists(output)
+    if exists and not (resume or force):
+        raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
+    if resume and not exists:
+        raise BdiffError(f"--resume: no checkpoint at {output}")
+    check_output(output, (".safetensors",), replace=True, inputs=(data,))
+
+
 def fingerprint(values):
     """Short content hash of a data set, stored in checkpoints to tell data sets apart."""
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).data).hexdigest()[:16]

@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import functools
 import math
-import os
 import signal
 import threading
 import time
@@ -16,8 +15,8 @@ import torch
 from bdiff.adam import Adam
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, check_output,
-                        discrete_columns, fingerprint, is_image)
+from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, discrete_columns,
+                        fingerprint, is_image)
 from bdiff.density import clearly_better, reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
@@ -59,17 +58,6 @@ MIN_QUERY_PASSES = 30
 PREPARE_NOTICE_ROWS = 100_000  # from here the ε search and log C take long enough to announce
 # options a resumed run takes from now; every other option is the stored run's
 RESUME_OPTIONS = ("steps", "checkpoint_every", "device", "backend")
-
-
-def check_fit_output(output, data, resume, force):
-    """The checkpoint path of a fit, checked before any work: an existing file needs --resume or
-    --force, --resume needs one, and the input data is never the output."""
-    exists = os.path.exists(output)
-    if exists and not (resume or force):
-        raise BdiffError(f"{output} exists; use --resume to continue it or --force to replace it")
-    if resume and not exists:
-        raise BdiffError(f"--resume: no checkpoint at {output}")
-    check_output(output, (".safetensors",), replace=True, inputs=(data,))
 
 
 @dataclass

@@ -173,11 +173,11 @@ def fit(
 
       bdiff fit data.npy -o model.safetensors --steps 8000 --resume
     """
-    from bdiff.data import load_data, output_lock
-    from bdiff.trainer import PREPARE_NOTICE_ROWS, FitConfig, Trainer, check_fit_output
+    from bdiff.data import check_fit_output, load_data, output_lock
 
     loaded = load_data(data, key=key)  # the input first: its error is the one to see
     check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
+    from bdiff.trainer import PREPARE_NOTICE_ROWS, FitConfig, Trainer  # torch: after the checks, 2-3 s
     _threads()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, fourier=fourier,
@@ -347,10 +347,10 @@ def sample_command(
       bdiff sample -c digits.safetensors --n 2000 -o digits.npy --sampler anneal --steps 400
     """
     from bdiff.data import check_output, save_array
-    from bdiff.sampler import sampler_warnings
     if n < 1:
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
     check_output(output, (".npy", ".csv"), replace=force, inputs=(checkpoint,))
+    from bdiff.sampler import sampler_warnings  # torch: after the checks, 2-3 s
     _threads()
     model = _load_model(checkpoint, device)
     cfg = _sample_config(model, sampler, init, steps, denoise, trim, seed, batch_size, backend)
