@@ -29,40 +29,32 @@ def bandwidth(n, dim, rule="silverman"):
     return h * h
 
 
-def _bandwidth_grid(n, dim):
-    """The ε tried by the held-out rules: a log grid around Silverman's rule for n rows."""
-    base = bandwidth(n, dim)
-    return [base * 2.0 ** (k / 2) for k in range(-12, 5)]
+def _heldout_grid(held, rest, backend):
+    """(ε, log p_ε of each held row as field_matching's float32 log-mean-kernel, the Gaussian's
+    log normaliser) over a log grid around Silverman's rule, p_ε built from the rows `rest`."""
+    dim = held.shape[1]
+    base = bandwidth(len(rest), dim)
+    for eps in (base * 2.0 ** (k / 2) for k in range(-12, 5)):
+        lse, _ = field_matching(held, rest, eps, None, backend)
+        yield eps, lse, 0.5 * dim * math.log(2 * math.pi * eps)
 
 
 def heldout_bandwidth(refs, generator, holdout=0.2, backend=None):
     """ε maximising the held-out log-likelihood of p_ε built from the other rows (docs/design.md §1.2),
     over a log grid around Silverman's rule; returns ε and the grid's (ε, log-likelihood)."""
-    n, dim = refs.shape
-    order = draw(torch.randperm, n, generator=generator, device=refs.device)
-    cut = max(1, int(holdout * n))
+    order = draw(torch.randperm, len(refs), generator=generator, device=refs.device)
+    cut = max(1, int(holdout * len(refs)))
     held, rest = refs[order[:cut]], refs[order[cut:]]
-    scores = []
-    for eps in _bandwidth_grid(len(rest), dim):
-        lse, _ = field_matching(held, rest, eps, None, backend)
-        scores.append((eps, float(lse.mean()) - 0.5 * dim * math.log(2 * math.pi * eps)))
+    scores = [(eps, float(lse.mean()) - log_norm) for eps, lse, log_norm in _heldout_grid(held, rest, backend)]
     best = max(scores, key=lambda item: item[1])[0]
     return best, scores
 
 
-def heldout_row_logliks(held, rest):
+def heldout_row_logliks(held, rest, backend=None):
     """Per-row log-likelihoods (float64 numpy) of the rows `held` under p_ε built from `rest`, at
-    the ε of heldout_bandwidth's grid with the best mean. One matrix of squared distances serves
-    every ε (a few thousand rows at most: the callers judge a subset)."""
-    held, rest = torch.as_tensor(held).double(), torch.as_tensor(rest).double()
-    distances = torch.cdist(held, rest).pow(2).float()  # float32 exponentials: half the time of float64
-    dim, best = held.shape[1], None
-    for eps in _bandwidth_grid(len(rest), dim):
-        per_row = (torch.logsumexp(-distances / (2 * eps), 1).double() - math.log(len(rest))
-                   - 0.5 * dim * math.log(2 * math.pi * eps))
-        if best is None or per_row.mean() > best.mean():
-            best = per_row
-    return best.numpy()
+    the ε of heldout_bandwidth's grid with the best mean."""
+    rows = [lse.double() - log_norm for _, lse, log_norm in _heldout_grid(held, rest, backend)]
+    return max(rows, key=lambda per_row: float(per_row.mean())).cpu().numpy()
 
 
 EPS_FLOOR = 1e-4  # default ε_min: a blur of 1 % of a standard deviation (standardised units)
