@@ -312,8 +312,8 @@ class PowerCoding:
     @classmethod
     def fit(cls, values, skip=()):
         """Powers fitted on `values` (a random subset of a large table: POWER_PROBE_ROWS rows);
-        columns in `skip` (codes, constants), those with separate clusters (_cluster_gap) and those
-        whose power is near 1 keep power 1. None when every column does."""
+        columns in `skip` (codes), constant ones, those with separate clusters (_cluster_gap) and
+        those whose power is near 1 keep power 1. None when every column does."""
         probe = np.asarray(values, np.float64)
         center, scale = probe.mean(0), probe.std(0)
         scale = np.where(scale > 0, scale, 1.0)

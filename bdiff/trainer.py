@@ -190,8 +190,7 @@ def column_coding(values, power, seed, backend=None):
     if len(values) > POWER_PROBE_ROWS:  # a random subset: a file may be sorted by a column
         values = values[np.sort(rng.choice(len(values), POWER_PROBE_ROWS, replace=False))]
     probe = np.asarray(values, np.float64)
-    codes = set(discrete_columns(probe)) | set(np.flatnonzero(np.ptp(probe, 0) == 0).tolist())
-    coding = PowerCoding.fit(probe, skip=codes)
+    coding = PowerCoding.fit(probe, skip=set(discrete_columns(probe)))  # constant columns: its own check
     if coding is None or power == "on":
         return coding
     rows = probe[rng.permutation(len(probe))[:POWER_JUDGE_ROWS]]
