@@ -423,7 +423,8 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "suite.json"))
+    parser.add_argument("--out", default=None, help="results file (default: results/suite.json, "
+                        "draws.json or random_laws[_<rows>].json by mode)")
     parser.add_argument("--query-balance", type=float, default=0.0, help="bdiff fit --query-balance")
     parser.add_argument("--draws", default=None, help="comma-separated data seeds: only anneal against "
                         f"SMC on fresh training draws of {', '.join(DRAW_LAWS)} (or --only), to "
@@ -442,16 +443,18 @@ def main():
                      f"{', '.join([*DATASETS, *UNBALANCED_FAMILY])}")
     if args.random_laws:
         suffix = "" if args.rows == 10_000 else f"_{args.rows}"
-        print(random_laws_table(random_laws([int(seed) for seed in args.random_laws.split(",")],
-                                            os.path.join(RESULTS, f"random_laws{suffix}.json"), rows=args.rows)))
+        out = args.out or os.path.join(RESULTS, f"random_laws{suffix}.json")
+        print(random_laws_table(random_laws([int(seed) for seed in args.random_laws.split(",")], out,
+                                            rows=args.rows)))
         return
     if args.draws:
         if set(only or ()) - set(DRAW_LAWS):
             parser.error(f"--draws: choose laws from {', '.join(DRAW_LAWS)}")
         fresh_draws(only or list(DRAW_LAWS), [int(d) for d in args.draws.split(",")],
-                    os.path.join(RESULTS, "draws.json"))
+                    args.out or os.path.join(RESULTS, "draws.json"))
         return
     names = [name for name in only if name in DATASETS] if only else list(DATASETS)
+    args.out = args.out or os.path.join(RESULTS, "suite.json")
     results = _load_results(args.out)
     for name in names:
         loader, law = DATASETS[name]
