@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from bdiff import __version__
-from bdiff.data import DISCRETE_MAX_VALUES, POWER_RANGE, atomic_path
+from bdiff.data import DISCRETE_MAX_VALUES, POWER_RANGE, TAIL_RANGE, atomic_path
 from bdiff.errors import BdiffError
 
 FORMAT_VERSION = 3  # 2: tensor checksum; 3: preconditioned level fields down to ε_min below ε
@@ -124,12 +124,13 @@ def validate_meta(meta, tensors):
     pixels = (isinstance(coding, dict) and set(coding) == {"low", "high", "integer"}
               and number(coding["low"]) and number(coding["high"])
               and coding["low"] < coding["high"] and isinstance(coding["integer"], bool))
-    powers = (isinstance(coding, dict) and set(coding) == {"center", "scale", "power"}
+    powers = (isinstance(coding, dict) and set(coding) - {"tail"} == {"center", "scale", "power"}
               and numbers(coding["center"]) and numbers(coding["scale"], lambda v: v > 0)
-              and numbers(coding["power"], lambda v: POWER_RANGE[0] <= v <= POWER_RANGE[1]))
+              and numbers(coding["power"], lambda v: POWER_RANGE[0] <= v <= POWER_RANGE[1])
+              and numbers(coding.get("tail", [1.0] * dim), lambda v: TAIL_RANGE[0] <= v <= TAIL_RANGE[1]))
     need(coding is None or pixels or powers,
          f"standardizer coding must be null, {{low < high, integer}} or {dim} {{center, scale > 0, "
-         f"power in {list(POWER_RANGE)}}} each, got {coding!r}")
+         f"power in {list(POWER_RANGE)}, tail in {list(TAIL_RANGE)}}} each, got {coding!r}")
     discrete = standardizer.get("discrete", {})
     need(isinstance(discrete, dict) and all(
         key.isdigit() and int(key) < dim and isinstance(distinct, list)

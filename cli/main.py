@@ -143,8 +143,10 @@ def fit(
     power: str = typer.Option("auto", help="Tables: Yeo-Johnson powers for skewed columns, fitted by "
                               "maximum likelihood (a log-like power brings a long tail in). auto: "
                               "where a kernel density predicts held-out rows clearly better with "
-                              "them; on: wherever a column's power is away from 1; off. The "
-                              "checkpoint keeps them: samples and densities are in data units."),
+                              "them; on: wherever a column's power is away from 1, and tail "
+                              "powers sinh(δ asinh y)/δ for heavy symmetric tails such as daily "
+                              "returns; off. The checkpoint keeps them: samples and densities are "
+                              "in data units."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
@@ -265,13 +267,16 @@ def _levels_text(levels):
 
 
 def _powers_text(coding):
-    """Which columns fit coded by a Yeo-Johnson power, and with which powers ('' for none)."""
-    power = getattr(coding, "power", None)
+    """Which columns fit coded, by which Yeo-Johnson power and tail power ('' for none)."""
+    power, tail = getattr(coding, "power", None), getattr(coding, "tail", None)
     if power is None:
         return ""
-    coded = [(column, p) for column, p in enumerate(power) if p != 1]
-    return ("skewed column(s) coded by Yeo-Johnson powers: "
-            + ", ".join(f"{column} ({p:.2f})" for column, p in coded))
+    coded = []
+    for column, (p, t) in enumerate(zip(power, tail)):
+        how = ([f"power {p:.2f}"] if p != 1 else []) + ([f"tail {t:.2f}"] if t != 1 else [])
+        if how:
+            coded.append(f"{column} ({', '.join(how)})")
+    return "skewed or heavy-tailed columns coded: " + ", ".join(coded)
 
 
 def _fourier_text(count):

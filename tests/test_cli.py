@@ -154,24 +154,27 @@ def test_fit_with_query_balance_trains_and_records_it(tmp_path, data_file):
 
 
 def test_fit_codes_skewed_columns_and_says_so(tmp_path):
-    """A table with a long-tailed column: fit says which columns it coded and with which power,
-    the checkpoint keeps the coding, and the samples come back in data units."""
+    """A table with a skewed column and a heavy-tailed one: fit says which columns it coded and
+    how, the checkpoint keeps the coding, and the samples come back in data units."""
     from bdiff.checkpoint import read_checkpoint
     rng = np.random.default_rng(0)
-    table = np.column_stack([rng.lognormal(7, 0.9, 600), rng.normal(size=600)]).astype(np.float32)
+    table = np.column_stack([rng.lognormal(7, 0.9, 600), rng.normal(size=600),
+                             rng.standard_t(3, 600)]).astype(np.float32)
     data = tmp_path / "skewed.npy"
     np.save(data, table)
     out = tmp_path / "m.safetensors"
     result = invoke("fit", data, "-o", out, *FAST_FIT)
     assert result.exit_code == 0, result.stderr
-    assert "coded by Yeo-Johnson powers: 0 (0.00)" in result.stderr
-    meta = read_checkpoint(out)[1]
-    assert meta["config"]["power"] == "on" and meta["standardizer"]["coding"]["power"][1] == 1
+    assert "columns coded: 0 (power 0.00)" in result.stderr and "(tail" not in result.stderr
+    coding = read_checkpoint(out)[1]["standardizer"]["coding"]
+    assert read_checkpoint(out)[1]["config"]["power"] == "on" and coding["power"][1] == coding["tail"][2] == 1
     result = invoke("sample", "-c", out, "--n", 200, "-o", tmp_path / "s.npy", "--steps", 5)
     assert result.exit_code == 0, result.stderr
     assert np.median(np.load(tmp_path / "s.npy")[:, 0]) > 100  # incomes, not their codes
     result = invoke("fit", data, "-o", tmp_path / "plain.safetensors", *FAST_FIT, "--power", "off")
-    assert result.exit_code == 0 and "Yeo-Johnson" not in result.stderr
+    assert result.exit_code == 0 and "columns coded" not in result.stderr
+    result = invoke("fit", data, "-o", tmp_path / "tails.safetensors", *FAST_FIT, "--power", "on")
+    assert result.exit_code == 0 and ", 2 (tail " in result.stderr
 
 
 def test_fit_missing_file_and_unwritable_output(tmp_path, data_file, monkeypatch):

@@ -111,6 +111,11 @@ def _edit(meta, path, value):
     (("config", "fourier"), 7, "ourier"), (("config", "fourier"), 0, "ourier"),
     (("flow_eps",), -1.0, "flow_eps"), (("flow_eps",), "x", "flow_eps"), (("flow_eps",), 1e9, "flow_eps"),
     (("support_log_s",), "x", "support_log_s"), (("support_log_s",), [1.0], "support_log_s"),
+    (("standardizer", "coding"), {"center": [0.0, 0.0], "scale": [1.0, 1.0], "power": [2.5, 1.0]}, "coding"),
+    (("standardizer", "coding"), {"center": [0.0, 0.0], "scale": [1.0, 1.0], "power": [1.0, 1.0],
+                                  "tail": [1.0, 1.5]}, "coding"),
+    (("standardizer", "coding"), {"center": [0.0, 0.0], "scale": [1.0, 1.0], "power": [1.0, 1.0],
+                                  "tail": [0.5]}, "coding"),
 ])
 def test_bad_metadata_is_refused_before_anything_is_allocated(tmp_path, tiny_checkpoint, path, value, message):
     _, meta = read_checkpoint(tiny_checkpoint)

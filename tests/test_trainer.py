@@ -504,6 +504,21 @@ def test_skewed_columns_are_coded_where_a_kernel_density_predicts_them_better():
     assert column_coding(with_codes, "on", seed=0).power[2] == 1
 
 
+def test_tail_powers_are_fitted_under_power_on_only():
+    """Daily-return-like columns (Student-t, 3 degrees of freedom: no skew, heavy tails) get tail
+    powers under "on"; auto judges Yeo-Johnson powers alone, so a mixture with a broad mode, whose
+    rows also fit tail powers, keeps its tails under auto (a law's far share rose with them)."""
+    rng = np.random.default_rng(2)
+    returns = rng.standard_t(3, (2000, 2))
+    coding = column_coding(returns, "on", seed=0)
+    assert coding is not None and np.all(coding.tail < 0.5) and np.all(coding.power == 1)
+    assert column_coding(returns, "auto", seed=0) is None
+    modes = np.concatenate([rng.normal(0, 0.4, (1800, 2)), rng.normal(1.5, 1.5, (200, 2))])
+    assert np.all(column_coding(modes, "on", seed=0).tail < 1)
+    auto = column_coding(modes, "auto", seed=0)
+    assert auto is None or np.all(auto.tail == 1)
+
+
 def test_a_coded_fit_samples_in_data_units_and_resumes_only_with_its_coding(tmp_path):
     """The checkpoint carries the coding: samples come back decoded, the density is in data units
     (its Jacobian counted), and --resume refuses a run whose columns were coded otherwise."""
