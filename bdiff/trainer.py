@@ -15,8 +15,8 @@ import torch
 from bdiff.adam import Adam
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
-from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, discrete_columns,
-                        fingerprint, is_image)
+from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, coding_from_dict,
+                        discrete_columns, fingerprint, is_image)
 from bdiff.density import clearly_better, reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
@@ -212,6 +212,16 @@ def column_coding(values, power, seed, backend=None):
     return coding if clearly_better(logliks[1], logliks[0]) else None
 
 
+def same_coding(stored, fitted):
+    """Whether two column codings (or None) code alike, to rounding."""
+    if stored is None or fitted is None:
+        return stored is fitted
+    mine, theirs = stored.to_dict(), fitted.to_dict()
+    return mine.keys() == theirs.keys() and all(
+        np.allclose(np.asarray(mine[key], np.float64), np.asarray(theirs[key], np.float64), rtol=1e-9, atol=1e-9)
+        for key in mine)
+
+
 class Trainer:
     """Owns the model, EMA copy, optimiser and RNG; `run` trains and checkpoints."""
 
@@ -352,6 +362,9 @@ class Trainer:
         if stored.power != self.cfg.power:  # the rows were coded otherwise when that run began
             raise BdiffError(f"{path} was fitted with --power {stored.power}; resume it with --power "
                              f"{stored.power}")
+        if not same_coding(coding_from_dict(meta["standardizer"].get("coding")), self.standardizer.coding):
+            raise BdiffError(f"{path} coded its columns otherwise than this bdiff codes them (a run "
+                             "from an earlier version?); start a new run with --force")
         for name in given:
             if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
                 continue

@@ -519,6 +519,25 @@ def test_tail_powers_are_fitted_under_power_on_only():
     assert auto is None or np.all(auto.tail == 1)
 
 
+def test_resume_refuses_a_run_whose_columns_were_coded_otherwise(tmp_path):
+    """The coding is fitted again from the data when a run resumes; a checkpoint whose stored
+    coding differs (written by a bdiff before tail powers, which coded "on" without them) would
+    go on training its weights on rows coded another way, so resume refuses it."""
+    returns = np.random.default_rng(3).standard_t(3, (600, 2)).astype(np.float32)
+    path = tmp_path / "on.safetensors"
+    Trainer(returns, FitConfig(**{**TINY, "steps": 20, "power": "on"})).run(str(path))
+    tensors, meta = read_checkpoint(path)
+    assert meta["standardizer"]["coding"]["tail"][0] < 1
+    del meta["standardizer"]["coding"]["tail"]
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(path)), str(older), metadata={"bdiff": json.dumps(meta)})
+    with pytest.raises(BdiffError, match="coded"):
+        Trainer(returns, FitConfig(**{**TINY, "steps": 40, "power": "on"})).restore(str(older))
+    again = Trainer(returns, FitConfig(**{**TINY, "steps": 40, "power": "on"}))
+    again.restore(str(path))
+    assert again.step == 20
+
+
 def test_a_coded_fit_samples_in_data_units_and_resumes_only_with_its_coding(tmp_path):
     """The checkpoint carries the coding: samples come back decoded, the density is in data units
     (its Jacobian counted), and --resume refuses a run whose columns were coded otherwise."""
