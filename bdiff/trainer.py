@@ -216,10 +216,10 @@ def same_coding(stored, fitted):
     """Whether two column codings (or None) code alike, to rounding."""
     if stored is None or fitted is None:
         return stored is fitted
-    mine, theirs = stored.to_dict(), fitted.to_dict()
-    return mine.keys() == theirs.keys() and all(
-        np.allclose(np.asarray(mine[key], np.float64), np.asarray(theirs[key], np.float64), rtol=1e-9, atol=1e-9)
-        for key in mine)
+    kept, now = stored.to_dict(), fitted.to_dict()
+    return kept.keys() == now.keys() and all(
+        np.allclose(np.asarray(kept[key], np.float64), np.asarray(now[key], np.float64), rtol=1e-9, atol=1e-9)
+        for key in kept)
 
 
 class Trainer:
