@@ -111,15 +111,14 @@ def validate_meta(meta, tensors):
          f"got {shape!r}")
     standardizer = meta.get("standardizer")
     need(isinstance(standardizer, dict), "standardizer missing")
-    for key in ("mean", "std"):
-        values = standardizer.get(key)
-        need(isinstance(values, list) and len(values) == dim and all(number(v) for v in values),
-             f"standardizer {key} must be {dim} finite numbers")
-    need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
-    coding = standardizer.get("coding")
 
     def numbers(values, check=lambda v: True):
         return isinstance(values, list) and len(values) == dim and all(number(v) and check(v) for v in values)
+
+    for key in ("mean", "std"):
+        need(numbers(standardizer.get(key)), f"standardizer {key} must be {dim} finite numbers")
+    need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
+    coding = standardizer.get("coding")
 
     pixels = (isinstance(coding, dict) and set(coding) == {"low", "high", "integer"}
               and number(coding["low"]) and number(coding["high"])

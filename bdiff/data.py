@@ -286,13 +286,7 @@ def yeo_johnson_power(z, grid=POWER_RANGE):
     search (one maximum on every column tried). scipy.stats.yeojohnson_normmax finds the same
     one (tests), but importing scipy.stats costs every fit 1.5 s here."""
     z = np.asarray(z, np.float64)
-    slope_sum = float((np.sign(z) * np.log1p(np.abs(z))).sum())
-
-    def profile(power):
-        return -0.5 * len(z) * math.log(max(float(_yeo_johnson(z, np.float64(power)).var()), 1e-300)) \
-            + (power - 1) * slope_sum
-
-    return _golden_max(profile, grid)
+    return _golden_max(lambda power: _coded_profile(z, power, 1.0), grid)
 
 
 # Tail powers δ in [0, 1] pull a symmetric heavy tail in: y -> sinh(δ asinh y) / δ is y near 0
@@ -323,9 +317,10 @@ def _coded_profile(z, power, tail):
     """The Gaussian profile log-likelihood of z coded by (power, tail): -n/2 log var(u) + Σ log
     |du/dz|."""
     y = _yeo_johnson(z, np.float64(power))
-    u = _tail(y, np.float64(tail))
-    slope = _yeo_johnson_log_slope(z, np.float64(power)) + _tail_log_slope(y, np.float64(tail))
-    return -0.5 * len(z) * math.log(max(float(u.var()), 1e-300)) + float(slope.sum())
+    slope = _yeo_johnson_log_slope(z, np.float64(power))
+    if tail != 1:  # tail 1 is the identity: skipped, not computed to rounding
+        y, slope = _tail(y, np.float64(tail)), slope + _tail_log_slope(y, np.float64(tail))
+    return -0.5 * len(z) * math.log(max(float(y.var()), 1e-300)) + float(slope.sum())
 
 
 TAIL_ROUNDS = 5  # at most; coordinate ascent over (power, tail) stops once neither moves by 0.01
