@@ -428,27 +428,35 @@ def coding_from_dict(d):
 
 
 DISCRETE_MAX_VALUES = 20  # a column with at most this many distinct values is a code or a count
+DISCRETE_MAX_UNSEEN = 0.1  # ... if a fresh row would take an unseen value at most this often
 DISCRETE_PROBE_ROWS = 100_000  # rows looked at first, so long continuous columns are not sorted
 
 
 def discrete_columns(values):
-    """{column: its sorted distinct values} for the columns with 2..DISCRETE_MAX_VALUES of them."""
+    """{column: its sorted distinct values} for the columns with 2..DISCRETE_MAX_VALUES of them
+    whose values the rows cover: Good and Turing's estimate of the chance that a fresh row takes a
+    value not seen yet, the share of rows holding a value seen once, is at most
+    DISCRETE_MAX_UNSEEN. Under 21 rows every column has few values; 12 rows of measurements, each
+    value seen once, came back as recombinations of the training values (NOTES.md)."""
     probe = values[:DISCRETE_PROBE_ROWS]
-    candidates = {}
+    counts = {}  # column → {value: rows}
     for column in range(values.shape[1]):
-        distinct = np.unique(probe[:, column])
+        distinct, seen = np.unique(probe[:, column], return_counts=True)
         if len(distinct) <= DISCRETE_MAX_VALUES:
-            candidates[column] = distinct
+            counts[column] = dict(zip(distinct.tolist(), seen.tolist()))
     # one pass over the remaining rows, reading them only while some column is still in question
-    for start in range(DISCRETE_PROBE_ROWS, len(values) if candidates else 0, CHUNK_ROWS):
+    for start in range(DISCRETE_PROBE_ROWS, len(values) if counts else 0, CHUNK_ROWS):
         part = values[start:start + CHUNK_ROWS]
-        for column in list(candidates):
-            candidates[column] = np.union1d(candidates[column], part[:, column])
-            if len(candidates[column]) > DISCRETE_MAX_VALUES:
-                del candidates[column]
-        if not candidates:
+        for column in list(counts):
+            for value, seen in zip(*(a.tolist() for a in np.unique(part[:, column], return_counts=True))):
+                counts[column][value] = counts[column].get(value, 0) + seen
+            if len(counts[column]) > DISCRETE_MAX_VALUES:
+                del counts[column]
+        if not counts:
             break
-    return {column: distinct.astype(np.float64) for column, distinct in candidates.items() if len(distinct) >= 2}
+    covered = {column: seen for column, seen in counts.items()
+               if 2 <= len(seen) and sum(n == 1 for n in seen.values()) <= DISCRETE_MAX_UNSEEN * len(values)}
+    return {column: np.array(sorted(seen), dtype=np.float64) for column, seen in covered.items()}
 
 
 @dataclass

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from bdiff.data import (PixelCoding, PowerCoding, Standardizer, coding_from_dict, fingerprint, load_data, save_array,
-                        yeo_johnson_power)
+from bdiff.data import (PixelCoding, PowerCoding, Standardizer, coding_from_dict, discrete_columns, fingerprint,
+                        load_data, save_array, yeo_johnson_power)
 from bdiff.datasets import BUILTINS
 from bdiff.errors import BdiffError
 
@@ -188,6 +188,21 @@ def test_columns_with_few_values_come_back_on_those_values(rng):
     round_trip = again.inverse(again.forward(values))
     assert np.array_equal(round_trip[:, :2], values[:, :2]) and np.allclose(round_trip, values, atol=1e-5)
 
+
+
+def test_a_small_table_of_measurements_is_not_taken_for_codes(rng):
+    """Under 21 rows every column has at most DISCRETE_MAX_VALUES values; a column whose values
+    are mostly seen once is a measurement all the same (12 rows came back as 17 recombinations
+    of the training values). Codes in the same small table still snap: each value repeats."""
+    values = np.column_stack([rng.normal(size=12), rng.permutation(np.tile([0, 1], 6)),
+                              rng.permutation(np.tile([1, 2, 3], 4)), np.round(rng.normal(size=12), 1)])
+    assert sorted(discrete_columns(values)) == [1, 2]
+    # 40 heights to the centimetre: 20 distinct values, a quarter of the rows holding one seen once
+    heights = np.array(list(range(160, 170)) + 3 * list(range(170, 180)), float)
+    assert discrete_columns(heights[:, None]) == {}
+    # a count column of 5000 rows with a few rare large counts stays a count
+    counts = rng.poisson(3.0, 5000).astype(float)
+    assert list(discrete_columns(counts[:, None])) == [0]
 
 def test_yeo_johnson_power_is_scipys_maximum_likelihood_within_0_to_2(rng):
     """The golden-section search finds scipy.stats.yeojohnson_normmax's power (clipped to [0, 2],
