@@ -148,6 +148,9 @@ def validate_meta(meta, tensors):
     flow_eps = meta.get("flow_eps")
     need(flow_eps is None or (levels is not None and number(flow_eps) and levels[0] <= flow_eps < levels[1]),
          f"flow_eps must be null or a level in [ε_min, ε_max) of a model with levels, got {flow_eps!r}")
+    end = meta.get("end_level")
+    need(end is None or (levels is not None and number(end) and levels[0] <= end <= levels[1]),
+         f"end_level must be null or a level in [ε_min, ε_max] of a model with levels, got {end!r}")
     support = meta.get("support_log_s")
     need(support is None or number(support), f"support_log_s must be null or a finite number, got {support!r}")
     config = meta.get("config")

@@ -139,11 +139,44 @@ def median_bandwidth(pooled, probe=1000, seed=0):
     return float(distances.median()) if len(distances) else 1.0
 
 
-def nearest_distance(x, reference, chunk=4096):
+def _distances(x, reference):
+    """Pairwise distances, each from its own differences: cdist's matrix-product shortcut
+    (|x|² + |y|² - 2x·y) loses small distances between rows far from 0 in float32, and read
+    half of 5000 1-D rows as repeats of another (distance 0)."""
+    return torch.cdist(x, reference, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def nearest_distance(x, reference, chunk=1024):
     """Distance from each row of x to its nearest row of `reference`."""
     x, reference = _tensor(x), _tensor(reference)
-    return torch.cat([torch.cdist(x[i:i + chunk], reference).min(1).values
+    return torch.cat([_distances(x[i:i + chunk], reference).min(1).values
                       for i in range(0, len(x), chunk)]).double().numpy()
+
+
+NEAREST_PROBE = 2000  # rows whose distance to their nearest other row sets nearest_ratio's scale
+
+
+def leave_one_out_nearest(rows, probe=NEAREST_PROBE, seed=0):
+    """Distance from each of up to `probe` rows (a seeded pick) to its nearest other row."""
+    rows = _tensor(rows)
+    pick = torch.as_tensor(np.random.default_rng(seed).permutation(len(rows))[:probe])
+    parts = []
+    for chunk in pick.split(256):  # 256 x 50 000 rows: 51 MB of distances
+        distances = _distances(rows[chunk], rows)
+        distances[torch.arange(len(chunk), device=rows.device), chunk] = math.inf
+        parts.append(distances.min(1).values)
+    return torch.cat(parts).double().numpy()
+
+
+def nearest_ratio(samples, rows, seed=0):
+    """Median distance from the samples to their nearest row, over the rows' own median distance
+    to their nearest other row: about 1 for fresh rows of the data, well below 1 where samples
+    copy the rows (Meehan et al. 2020's data-copying test, as one number). None where most rows
+    repeat another exactly: atoms have no distance scale."""
+    scale = float(np.median(leave_one_out_nearest(rows, seed=seed)))
+    if scale == 0:
+        return None
+    return float(np.median(nearest_distance(samples, rows))) / scale
 
 
 FAR_QUANTILE = 0.999
@@ -303,6 +336,9 @@ def evaluate(model, heldout, samples, train=None, law=None, seed=0):
                                         train_std, x_to_train)
                          for r, (a_std, b_std) in enumerate(splits)])
     result["mmd_median_bandwidth"], result["reference_repeats"] = bandwidth, repeats
+    if train is not None:
+        result["nearest_ratio"] = nearest_ratio(x_std, train_std, seed)
+        result["nearest_ratio_ideal"] = nearest_ratio(heldout_std, train_std, seed)
     half_a, half_b = split_heldout(heldout, seed)
     rows = train if train is not None else half_b
     result.update(held_out_loglik(model, heldout, to_std(rows)))
@@ -338,6 +374,10 @@ def quality_warnings(metrics):
     if metrics.get("blank_pixel_sd") and metrics["blank_pixel_sd"] > 1.5 * metrics["blank_pixel_sd_ideal"]:
         lines.append(f"noise on the blank pixels: sd {metrics['blank_pixel_sd']:.2f}, the data's "
                      f"{metrics['blank_pixel_sd_ideal']:.2f}")
+    ratio, ratio_ideal = metrics.get("nearest_ratio"), metrics.get("nearest_ratio_ideal")
+    if ratio is not None and ratio_ideal is not None and ratio < 0.8 * ratio_ideal:
+        lines.append(f"the samples sit {ratio:.2f} times as far from the training rows as the rows from "
+                     f"each other (held-out rows: {ratio_ideal:.2f}): they copy the training rows")
     far, far_ideal = metrics.get("far_share", 0), metrics.get("far_share_ideal", 0)
     if far - far_ideal > 0.01:  # fresh data rows fall beyond a threshold set on few rows too
         lines.append(f"{far:.1%} of the samples are far from all data (fresh data rows: {far_ideal:.1%})")

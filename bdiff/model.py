@@ -71,6 +71,12 @@ class TrainedModel:
         return self.meta.get("support_log_s")
 
     @property
+    def end_level(self):
+        """The level the annealing samplers end at, chosen by fit (sampler.choose_end_level);
+        None for checkpoints from before it was stored (then ε_min)."""
+        return self.meta.get("end_level")
+
+    @property
     def item_shape(self):
         """The shape of one item: (D,), or the image's axes."""
         return tuple(self.meta.get("item_shape") or [self.dim])

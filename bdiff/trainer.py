@@ -23,7 +23,8 @@ from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
                           cluster_balanced_weights, data_clusters, field_loss, heldout_bandwidth,
                           heldout_row_logliks, log_normaliser, noise_levels, split_validation)
-from bdiff.sampler import support_floor
+from bdiff.model import TrainedModel
+from bdiff.sampler import choose_end_level, support_floor
 
 
 VAL_TOLERANCE = 0.01  # a fall of the validation loss below this share of its fall so far is no progress
@@ -262,6 +263,7 @@ class Trainer:
         self.eps_scores = self.eps_model_scores = None
         self.flow_eps = self.flow_scores = None  # the flow density's level (choose_eps)
         self.support_log_s = None  # the sampler's trimming floor, set when training ends
+        self.end_level = self.end_search = None  # where the annealing samplers end, set then too
         if cfg.eps_rule == "auto":
             cfg.eps_rule = "heldout"
         if cfg.eps is not None:
@@ -341,6 +343,7 @@ class Trainer:
                 "eps_model_search": self.eps_model_scores,
                 "flow_eps": self.flow_eps, "flow_search": self.flow_scores,
                 "support_log_s": self.support_log_s,
+                "end_level": self.end_level, "end_search": self.end_search,
                 "levels": None if self.levels is None else list(self.levels),
                 "n_validation": 0 if self.val_rows is None else len(self.val_rows),
                 "validation": self.val_history}
@@ -470,6 +473,18 @@ class Trainer:
         self.flow_eps, self.flow_scores = select_flow_eps(self.ema, self.val_rows, self.eps,
                                                           field_score if reliable(z, se) else None)
 
+    def choose_end_level(self):
+        """The level the annealing samplers end at (sampler.choose_end_level), judged on samples
+        as the user gets them (decoded, snapped to the columns' values) against the training
+        rows. Tables only: images keep ε_min, where digits' 2000-level anneal was measured."""
+        if self.levels is None or is_image(self.item_shape):
+            return
+        fields = TrainedModel(self.ema, self.eps, self.log_c, self.standardizer,
+                              {"support_log_s": self.support_log_s})
+        decode = lambda x: self.standardizer.forward(self.standardizer.inverse(x.cpu().numpy()))
+        level, ratios = choose_end_level(fields, self.refs.cpu(), fields.sample_config(seed=self.cfg.seed), decode)
+        self.end_level, self.end_search = level, sorted(ratios.items())
+
     def _density_eps_score(self):
         """(ε, validation score, Z, se) of the density's ε in choose_eps's search."""
         return next(item for item in self.eps_model_scores if item[0] == self.eps)
@@ -491,6 +506,12 @@ class Trainer:
         if reliable(z, se) and abs(z - 1) > 0.1:
             lines.append(f"warning: the learned density integrates to {z:.3f} ± {se:.3f}, not 1; "
                          "its likelihood is reported normalised, but samples may stray from the data")
+        if self.end_level is not None and self.end_level > self.levels[0]:
+            ratios = dict(self.end_search)
+            lines.append(f"samples end at level {self.end_level:.4g}, not ε_min = {self.levels[0]:.4g}: "
+                         f"there they sit {ratios[self.end_level]:.2f} times as far from the training rows "
+                         f"as the rows from each other (at ε_min {ratios[self.levels[0]]:.2f}: copies of "
+                         "the rows)")
         if self.flow_eps is not None:
             versus = f" against the field's {field_score:.3f}" if reliable(z, se) else ""
             lines.append(f"density: the score's probability flow from ε = {self.flow_eps:.4g} "
@@ -524,6 +545,7 @@ class Trainer:
         self.choose_eps()
         rows = self.refs if self.val_rows is None else torch.cat([self.refs, self.val_rows])
         self.support_log_s = support_floor(self.ema.fields_batched(rows, log=True, eps=self.eps)[0])
+        self.choose_end_level()
         if checkpoint_path:
             self.save(checkpoint_path)
         return time.perf_counter() - start

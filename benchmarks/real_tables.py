@@ -79,9 +79,12 @@ def main():
                              **scores}
             if method == "bdiff":
                 entry[method].update(steps=fitted["steps"], eps=fitted["eps"], density=fitted["density"],
-                                     flow_eps=fitted["flow_eps"], powers=fitted["powers"])
+                                     flow_eps=fitted["flow_eps"], powers=fitted["powers"],
+                                     end_level=fitted["end_level"], end_search=fitted["end_search"])
+            ratio = scores["nearest_ratio"]  # None: most rows repeat another
             print(f"{name} {method}: log-lik {fitted['loglik']:.4f}, C2ST {scores['c2st']:.3f}, "
-                  f"far {100 * scores['far_share']:.2f} %", flush=True)
+                  f"far {100 * scores['far_share']:.2f} %, nearest-row ratio "
+                  f"{'none' if ratio is None else f'{ratio:.3f}'}", flush=True)
         _save_results(args.out, results)
     print(table({name: results[name] for name in results if "bdiff" in results[name] or name in names}))
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bdiff.data import Standardizer  # noqa: E402
 from bdiff.datasets import BUILTINS, GaussianMixture  # noqa: E402
 from bdiff.metrics import (c2st, far_share, far_share_of_data, median_bandwidth, mmd, mode_weight_error,  # noqa: E402
-                           mode_weights)
+                           mode_weights, nearest_ratio)
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -155,6 +155,7 @@ def fit_bdiff(train, test, n, seed):
                 normaliser=density["normaliser"],
                 normaliser_reliable=density["normaliser_reliable"],
                 normaliser_se=density["normaliser_se"], trimmed_share=report["trimmed_share"], steps=trainer.step, eps=model.eps, eps_min=model.levels[0] if model.levels else None,
+                end_level=model.end_level, end_search=model.meta.get("end_search"),
                 eps_scores=trainer.eps_model_scores, model=model,
                 powers=getattr(model.standardizer.coding, "power", np.ones(train.shape[1])).tolist())
 
@@ -243,6 +244,7 @@ def sample_scores(samples, test, train, law, seed=0):
     finite = np.isfinite(x).all(1)
     out = {"c2st": c2st(x[finite], t, seed), "mmd_median": mmd(x[finite], t, bandwidth),
            "far_share": far_share(x[finite], scale.forward(train), t),
+           "nearest_ratio": nearest_ratio(x[finite], scale.forward(train), seed),
            "nonfinite_samples": float(1 - finite.mean())}
     if law is not None and hasattr(law, "component") and len(law.weights) <= 8:
         out["mode_weight_error"] = mode_weight_error(law, samples[finite])
@@ -251,11 +253,13 @@ def sample_scores(samples, test, train, law, seed=0):
 
 def reference_scores(train, test, law, seed=0):
     """A perfect sampler: fresh rows of the data (the training rows) scored the same way; its far
-    share is the held-out rows' own, each left out of the threshold (the training rows are at
-    distance 0 from themselves, so theirs would read 0)."""
+    share is the held-out rows' own, each left out of the threshold, and its nearest-row ratio
+    the held-out rows' (the training rows are at distance 0 from themselves, so theirs would
+    read 0)."""
     out = sample_scores(train[:len(test)] if len(train) >= len(test) else train, test, train, law, seed)
     scale = Standardizer.fit(train)
     out["far_share"] = far_share_of_data(scale.forward(train), scale.forward(test))
+    out["nearest_ratio"] = nearest_ratio(scale.forward(test), scale.forward(train), seed)
     return out
 
 

@@ -372,6 +372,8 @@ def sample_command(
 def _sampler_text(report):
     if report["levels"] is not None:
         text = f"{report['sampler']} over {report['steps']} levels"
+        if report["end_level"] > report["levels"][0]:  # fit found copies of the rows below it
+            text += f" ending at {report['end_level']:.3g}, not ε_min, so as not to copy the training rows"
     else:
         text = f"{report['sampler']} SDE, {report['init']} start, {report['steps']} steps"
     if report.get("final_ess") is not None:
@@ -433,7 +435,11 @@ def evaluate(
     than the data's own 99.9th-percentile nearest-neighbour distance (reference: the held-out
     rows' own share, each left out of the threshold), after the sampler has drawn again the
     trimmed_share of particles below the density of the data's lowest 0.1 % (--no-trim keeps
-    them); on images pixel_outside_share,
+    them). nearest_ratio (with --train) is the samples' median distance to their nearest
+    training row over the training rows' own median distance to their nearest other row
+    (reference: the held-out rows'; about 1 for fresh data, well below 1 where samples copy
+    the training rows: fit raises the level where sampling ends until they do not). On images
+    pixel_outside_share,
     blank_pixel_sd (beside the data's) and pixel_w1; outside_range_share the
     share outside the data's range widened by 10%. With the smc sampler (the default for
     tables): final_ess, the effective sample size of its Pareto-smoothed weights, pareto_k,

@@ -447,3 +447,10 @@ def test_bad_paths_and_counts_are_refused_before_torch_is_imported(tmp_path, dat
             f"result = CliRunner().invoke(app, {args!r})\nprint(result.exit_code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+
+
+def test_sample_says_where_the_anneal_ended_when_fit_raised_it():
+    from cli.main import _sampler_text
+    report = {"sampler": "smc", "steps": 200, "levels": [1e-4, 4.0], "end_level": 1e-4}
+    assert "ending" not in _sampler_text(report)
+    assert "ending at 0.0192, not ε_min" in _sampler_text({**report, "end_level": 0.0192})

@@ -171,6 +171,22 @@ def test_far_share_has_a_reference_and_warns_only_beyond_it(rng, monkeypatch):
         evaluate(_StubModel(), heldout, stray, train=train)))
 
 
+def test_nearest_ratio_has_a_reference_and_warns_on_copies_of_the_training_rows(rng, monkeypatch):
+    """Fresh draws of the law sit as far from the training rows as held-out rows do; a sampler
+    that returns the training rows with a little jitter sits much nearer, and must say so."""
+    from bdiff.metrics import evaluate, quality_warnings
+    _without_c2st(monkeypatch)
+    train, heldout = rng.normal(size=(300, 1)).astype(np.float32), rng.normal(size=(100, 1)).astype(np.float32)
+    fresh = evaluate(_StubModel(), heldout, rng.normal(size=(3000, 1)).astype(np.float32), train=train)
+    assert 0.8 < fresh["nearest_ratio"] < 1.2 and 0.7 < fresh["nearest_ratio_ideal"] < 1.4
+    assert not any("copy" in line for line in quality_warnings(fresh))
+    copies = train[rng.integers(0, 300, 3000)] + 1e-4 * rng.normal(size=(3000, 1)).astype(np.float32)
+    copied = evaluate(_StubModel(), heldout, copies, train=train)
+    assert copied["nearest_ratio"] < 0.2
+    assert any("copy the training rows" in line for line in quality_warnings(copied))
+    assert "nearest_ratio" not in evaluate(_StubModel(), heldout, copies)  # no training rows, no ratio
+
+
 def test_far_share_of_data_is_the_leave_one_out_share(rng):
     from bdiff.metrics import far_share_of_data, nearest_distance
     reference = rng.normal(size=(50, 2))

@@ -1,4 +1,5 @@
 """The samplers against the oracle fields, whose stationary law (data + N(0, εI)) is known."""
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,9 @@ from bdiff.errors import BdiffError
 from bdiff.fields import log_view
 from bdiff.model import TrainedModel
 from bdiff.losses import fitted_from
-from bdiff.sampler import SMC_WEIGHT_LEVEL, OracleFields, SampleConfig, level_ladder, sample, support_floor
+from bdiff.metrics import nearest_ratio
+from bdiff.sampler import (SMC_WEIGHT_LEVEL, OracleFields, SampleConfig, choose_end_level, level_ladder, sample,
+                           support_floor)
 
 
 def _gaussian_refs(n=3000, seed=0):
@@ -353,7 +356,7 @@ def test_the_report_averages_batches_by_their_particles(monkeypatch):
         return x, extra
 
     monkeypatch.setitem(sampler_module.SAMPLERS, "smc", sampler_module.Sampler(
-        recording_run, needs_levels=True, ends_at_floor=True))
+        recording_run, needs_levels=True))
     refs = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]])
     cfg = SampleConfig(sampler="smc", init="gaussian", steps=10, batch_size=1000)
     _, report = sample(OracleFields(refs, 0.05, levels=(1e-3, 4.0)), 2500, cfg)
@@ -370,3 +373,51 @@ def test_smc_warning_names_a_small_untrusted_share_exactly():
     assert "not trusted for 0.25% of the particles" in warning
     (warning,) = sampler_warnings({"corrected_share": 0.6})
     assert "not trusted for 40% of the particles" in warning
+
+
+class _GaussianLevels:
+    """The exact fields of N(0, I) smoothed at every level: p_ℓ = N(0, (1 + ℓ) I). Its samples
+    are fresh draws of the law, never copies of any rows."""
+    dim, eps, levels, exact_log, support_log_s = 2, 0.05, (1e-4, 4.0), True, None
+
+    def log_fields(self, x, eps=None):
+        var = 1 + (self.eps if eps is None else eps)
+        return -0.5 * x.pow(2).sum(1) / var - math.log(2 * math.pi * var), -x / var
+
+    def score(self, x, eps=None):
+        return self.log_fields(x, eps)[1]
+
+
+def test_an_end_level_ends_the_anneal_there_with_its_blur():
+    """Samples ending at ℓ are p_ℓ's: variance 1 + ℓ, not denoised back to the floor's 1."""
+    cfg = SampleConfig(sampler="smc", init="gaussian", steps=100, seed=0, denoise=True)
+    low, _ = sample(_GaussianLevels(), 40_000, cfg)
+    high, report = sample(_GaussianLevels(), 40_000, dataclasses.replace(cfg, end_level=0.3))
+    assert float(low.var()) == pytest.approx(1.0, abs=0.03)
+    assert float(high.var()) == pytest.approx(1.3, abs=0.04)
+    assert report["end_level"] == 0.3
+    with pytest.raises(BdiffError, match="end level"):
+        sample(_GaussianLevels(), 10, dataclasses.replace(cfg, end_level=5.0))
+
+
+def test_nearest_ratio_is_one_for_fresh_rows_and_near_zero_for_copies():
+    rows = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    assert 0.85 < nearest_ratio(fresh, rows) < 1.15
+    assert nearest_ratio(rows[:500] + 1e-3, rows) < 0.05
+    assert nearest_ratio(fresh, torch.cat([rows, rows])) is None  # every row repeated: atoms, no scale
+
+
+def test_samples_of_a_model_that_copies_its_rows_end_where_fresh_rows_would_sit():
+    """The exact fields of 150 rows at every level: at ε_min the anneal returns the rows
+    themselves (a small table trained to the cap does the same). The end level is raised until
+    the samples sit as far from the rows as fresh draws of the law do, no further than ε."""
+    rows = torch.randn(150, 2, generator=torch.Generator().manual_seed(0))
+    oracle = OracleFields(rows, 0.3, levels=(1e-4, 4.0))
+    cfg = SampleConfig(sampler="smc", init="gaussian", steps=100, seed=0, denoise=True)
+    copies, _ = sample(oracle, 2000, cfg)
+    level, ratios = choose_end_level(oracle, rows, cfg)
+    ended, _ = sample(oracle, 2000, dataclasses.replace(cfg, end_level=level))
+    assert nearest_ratio(copies, rows) < 0.2 and ratios[1e-4] < 0.2
+    assert 1e-4 < level <= 0.3 and 0.85 < nearest_ratio(ended, rows) < 1.2
+    assert choose_end_level(_GaussianLevels(), torch.randn(2000, 2), cfg)[0] == 1e-4
