@@ -422,15 +422,16 @@ END_BISECTIONS = 4  # from ε_min to the density's ε (a factor of 50-2000), wit
 
 
 def choose_end_level(fields, rows, cfg, decode=None):
-    """(end level, {level tried: its nearest_ratio}) (docs/design.md §3.3). Annealed to ε_min, a
+    """(end level, {level tried: its nearest_ratio}) (docs/design.md §3.4). Annealed to ε_min, a
     model of a few hundred rows trained to the cap returns its training rows: the score at the
-    lowest levels follows the rows themselves, and its samples sat at 0.39-0.63 of fresh rows'
-    distance to them (C2ST 0.61-0.76 against fresh draws of five laws at 200-1000 rows; NOTES.md).
+    lowest levels follows the rows themselves, and the samples of six small tables sat at
+    0.39-0.66 of the rows' distance to their nearest neighbour (NOTES.md). On small draws of five
+    laws, C2ST against fresh rows was 0.58-0.76 at ε_min and lowest where the ratio was nearest 1.
     Ending higher keeps that level's blur, p_ℓ = the model's law smoothed by N(0, ℓI). ε_min is
     kept unless its samples sit nearer the rows than COPY_TOLERANCE allows; otherwise the level,
     by bisection in log ℓ between ε_min and the density's ε, whose samples sit as far from the
-    rows as the rows from each other (ratio 1: the level with the best C2ST against fresh draws
-    on all five laws). Never above ε: that blur is what the held-out likelihood chose. `decode`
+    rows as the rows from each other. Never above ε: that blur is what the held-out likelihood
+    chose. `decode`
     maps samples to what the user gets (columns snapped to their values), in the rows' units."""
     low, high = fields.levels[0], fields.eps
     decode = decode or (lambda x: x)
