@@ -5,7 +5,7 @@ correlated heavy tails. bdiff with its CLI defaults beside KDE-CV and the BIC Ga
 log-likelihood in data units, C2ST of 10 000 samples against the held-out rows, far share;
 "ref" is the training rows themselves, what a perfect sampler scores.
 
-    python benchmarks/shapes.py [--only cube4d,t3_2d]
+    python benchmarks/shapes.py [--only cube4d,t3_2d] [--methods bdiff]
 """
 import argparse
 import os
@@ -51,8 +51,13 @@ PEERS = {"bdiff": fit_bdiff, "kde_cv": fit_kde, "gmm_bic": fit_gmm}
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--methods", default=",".join(PEERS), help="comma-separated, of "
+                        f"{', '.join(PEERS)}; the others' stored rows are kept")
     parser.add_argument("--out", default=os.path.join(RESULTS, "shapes.json"))
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    if set(methods) - set(PEERS):
+        parser.error(f"unknown methods {', '.join(sorted(set(methods) - set(PEERS)))}")
     names = args.only.split(",") if args.only else list(SHAPES)
     unknown = set(names) - set(SHAPES)
     if unknown:
@@ -61,16 +66,17 @@ def main():
     for name in names:
         data = SHAPES[name](10_000, np.random.default_rng(5))
         train, test = data[:5000], data[5000:]
-        entry = {"ref": reference_scores(train, test, None)}
-        for method, fit in PEERS.items():
-            out = fit(train, test, 10_000, 0)
+        entry = results.setdefault(name, {})
+        entry["ref"] = reference_scores(train, test, None)
+        for method in methods:
+            out = PEERS[method](train, test, 10_000, 0)
             out.pop("model", None)
             scores = sample_scores(out.pop("samples"), test, train, None)
             entry[method] = {"loglik": out["loglik"], "fit_s": out["fit_s"], **scores,
-                             **({"steps": out["steps"], "powers": out["powers"]} if method == "bdiff" else {})}
-        results[name] = entry
+                             **({"steps": out["steps"], "powers": out["powers"], "end_level": out["end_level"],
+                                 "end_search": out["end_search"]} if method == "bdiff" else {})}
         print(name, " | ".join(f"{m}: log-lik {entry[m]['loglik']:.3f}, C2ST {entry[m]['c2st']:.3f}, far "
-                               f"{100 * entry[m]['far_share']:.2f} %" for m in PEERS),
+                               f"{100 * entry[m]['far_share']:.2f} %" for m in methods),
               f"| ref: C2ST {entry['ref']['c2st']:.3f}, far {100 * entry['ref']['far_share']:.2f} %", flush=True)
         _save_results(args.out, results)
 
