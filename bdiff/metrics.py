@@ -168,15 +168,20 @@ def leave_one_out_nearest(rows, probe=NEAREST_PROBE, seed=0):
     return torch.cat(parts).double().numpy()
 
 
-def nearest_ratio(samples, rows, seed=0):
-    """Median distance from the samples to their nearest row, over the rows' own median distance
-    to their nearest other row: about 1 for fresh rows of the data, well below 1 where samples
-    copy the rows (Meehan et al. 2020's data-copying test, as one number). None where most rows
-    repeat another exactly: atoms have no distance scale."""
+def nearest_scale(rows, seed=0):
+    """The rows' median distance to their nearest other row: nearest_ratio's unit. None where
+    most rows repeat another exactly: atoms have no distance scale."""
     scale = float(np.median(leave_one_out_nearest(rows, seed=seed)))
-    if scale == 0:
-        return None
-    return float(np.median(nearest_distance(samples, rows))) / scale
+    return scale if scale > 0 else None
+
+
+def nearest_ratio(samples, rows, seed=0, scale=None):
+    """Median distance from the samples to their nearest row, over the rows' own median distance
+    to their nearest other row (`scale`, computed here when not given): about 1 for fresh rows of
+    the data, well below 1 where samples copy the rows (Meehan et al. 2020's data-copying test,
+    as one number). None where the rows have no distance scale."""
+    scale = scale or nearest_scale(rows, seed)
+    return None if scale is None else float(np.median(nearest_distance(samples, rows))) / scale
 
 
 FAR_QUANTILE = 0.999
@@ -336,9 +341,10 @@ def evaluate(model, heldout, samples, train=None, law=None, seed=0):
                                         train_std, x_to_train)
                          for r, (a_std, b_std) in enumerate(splits)])
     result["mmd_median_bandwidth"], result["reference_repeats"] = bandwidth, repeats
-    if train is not None:
-        result["nearest_ratio"] = nearest_ratio(x_std, train_std, seed)
-        result["nearest_ratio_ideal"] = nearest_ratio(heldout_std, train_std, seed)
+    scale = None if train is None else nearest_scale(train_std, seed)
+    if scale is not None:  # the samples' distances to the training rows are x_to_train already
+        result["nearest_ratio"] = float(np.median(x_to_train)) / scale
+        result["nearest_ratio_ideal"] = nearest_ratio(heldout_std, train_std, scale=scale)
     half_a, half_b = split_heldout(heldout, seed)
     rows = train if train is not None else half_b
     result.update(held_out_loglik(model, heldout, to_std(rows)))

@@ -29,7 +29,7 @@ from bdiff.backend import (check_memory, check_seed, draw, field_matching, oracl
                            stream_seed)
 from bdiff.errors import BdiffError
 from bdiff.losses import fitted_from
-from bdiff.metrics import nearest_ratio
+from bdiff.metrics import nearest_ratio, nearest_scale
 from bdiff.psis import pareto_smoothed
 
 INITS = ("importance", "gaussian")
@@ -148,7 +148,6 @@ class Plan:
     """What every batch of one sampling run shares: the field scale, floor and step size."""
     log_floor: float          # log s at or below this counts as zero (-inf: no floor)
     end_eps: float            # the level the particles end at (and the Tweedie step's)
-    keeps_blur: bool = False  # an annealing sampler ends above ε_min on purpose: no Tweedie step
     h: float = None           # SDE step
     log_delta: float = None   # precond: log δ (-inf: the Langevin limit)
     offset: int = 0           # index of the batch's first particle (noise streams)
@@ -387,8 +386,7 @@ def _plan(fields, cfg, device):
     log_s_max, g_scale = field_scale(fields, cfg, device)
     log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
     if SAMPLERS[cfg.sampler].needs_levels:
-        end_eps = end_level(fields, cfg)
-        return Plan(log_floor, end_eps, keeps_blur=end_eps > fields.levels[0]), log_s_max
+        return Plan(log_floor, end_level(fields, cfg)), log_s_max
     end_eps = fields.eps
     if cfg.sampler == "bellman":
         return Plan(log_floor, end_eps, h=cfg.step_frac * math.sqrt(fields.eps) / g_scale), log_s_max
@@ -431,19 +429,21 @@ def choose_end_level(fields, rows, cfg, decode=None):
     kept unless its samples sit nearer the rows than COPY_TOLERANCE allows; otherwise the level,
     by bisection in log ℓ between ε_min and the density's ε, whose samples sit as far from the
     rows as the rows from each other. Never above ε: that blur is what the held-out likelihood
-    chose. `decode`
-    maps samples to what the user gets (columns snapped to their values), in the rows' units."""
+    chose. `decode` maps samples to what the user gets (columns snapped to their values), in the
+    rows' units."""
     low, high = fields.levels[0], fields.eps
     decode = decode or (lambda x: x)
+    scale = nearest_scale(rows, cfg.seed)  # the same for every trial
     ratios = {}
+    if scale is None:  # atoms: no distance scale to copy at
+        return low, {low: None}
 
     def ratio(level):
         trial = dataclasses.replace(cfg, end_level=level)
-        ratios[level] = nearest_ratio(decode(sample(fields, END_TRIAL_PARTICLES, trial)[0]), rows, cfg.seed)
+        ratios[level] = nearest_ratio(decode(sample(fields, END_TRIAL_PARTICLES, trial)[0]), rows, scale=scale)
         return ratios[level]
 
-    first = ratio(low)
-    if first is None or first >= 1 - COPY_TOLERANCE or high <= low:
+    if ratio(low) >= 1 - COPY_TOLERANCE or high <= low:
         return low, ratios
     if ratio(high) <= 1:
         return high, ratios
@@ -507,7 +507,8 @@ def _draw_batch(fields, count, cfg, plan, device):
     generator = torch.Generator().manual_seed(stream_seed("sampler batch", cfg.seed, plan.offset))
     x = _start(fields, count, cfg, plan, generator, device)
     x, extra = chosen.run(fields, x, cfg, plan, generator)
-    if cfg.denoise and not plan.keeps_blur:
+    # an anneal that ends above ε_min keeps that level's blur on purpose (choose_end_level)
+    if cfg.denoise and not (chosen.needs_levels and plan.end_eps > fields.levels[0]):
         score = fields.score(x, plan.end_eps)
         if plan.log_floor > -math.inf:  # no step where the density counts as zero
             log_s, _ = fields.log_fields(x)
