@@ -83,9 +83,10 @@ def _progress():
                     os.environ.get("BDIFF_PROGRESS"))
 
 
-def _threads():
-    from bdiff.backend import use_all_cores
+def _prepare_host():
+    from bdiff.backend import retain_freed_memory, use_all_cores
     use_all_cores()
+    retain_freed_memory()
 
 
 @app.command()
@@ -180,7 +181,7 @@ def fit(
     loaded = load_data(data, key=key)  # the input first: its error is the one to see
     check_fit_output(output, data, resume, force)  # before any training: a bad path must not cost a fit
     from bdiff.trainer import PREPARE_NOTICE_ROWS, FitConfig, Trainer  # torch: after the checks, 2-3 s
-    _threads()
+    _prepare_host()
     cfg = FitConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, eps_rule=eps_rule, param=param,
                     eps_max=eps_max, eps_floor=eps_floor, level_sampling=level_sampling, fourier=fourier,
                     query_balance=query_balance, power=power, pixel_logit=pixel_logit, grad_loss=grad_loss,
@@ -356,7 +357,7 @@ def sample_command(
         raise BdiffError(f"--n must be a positive number of samples, got {n}")
     check_output(output, (".npy", ".csv"), replace=force, inputs=(checkpoint,))
     from bdiff.sampler import sampler_warnings  # torch: after the checks, 2-3 s
-    _threads()
+    _prepare_host()
     model = _load_model(checkpoint, device)
     cfg = _sample_config(model, sampler, init, steps, denoise, trim, seed, batch_size, backend)
     values, report = _draw_samples(model, n, cfg)
@@ -458,7 +459,7 @@ def evaluate(
     from bdiff.metrics import json_safe
     if json_path is not None:
         _check_output(json_path, (".json",), force)
-    _threads()
+    _prepare_host()
     with _progress() as progress:
         task = progress.add_task("sample", total=n or 0, info="")
         result = evaluate_checkpoint(
@@ -541,7 +542,7 @@ def benchmark(
     for path, ext in ((json_path, ".json"), (csv_path, ".csv")):
         if path is not None:
             _check_output(path, (ext,), force)
-    _threads()
+    _prepare_host()
     device = check_device(device)
     tell(f"device: {device} ({torch.get_num_threads()} threads)")
     records, skipped = run_benchmark(_name_list(ops), _int_list(sizes, "sizes"), _int_list(dims, "dims"),
