@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -97,7 +98,9 @@ def _read_csv(path):
     except ValueError:
         header = 1  # the first line is a header
     try:
-        return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
+        with warnings.catch_warnings():  # "input contained no data": the emptiness check says it
+            warnings.simplefilter("ignore", UserWarning)
+            return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
     except ValueError as err:
         raise BdiffError(f"{path} is not a numeric CSV: {err}")
 

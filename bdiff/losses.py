@@ -65,7 +65,8 @@ def noise_levels(refs, eps, param, eps_max=None, eps_floor=None):
 
     eps_max None: automatic, levels for log fields only, up to twice the data's total
     variance (the mean squared distance between two rows), where p_ε's bumps overlap into
-    one broad Gaussian the sampler can start from. 0: no levels.
+    one broad Gaussian the sampler can start from, and at least 4ε (a table of a few rows has
+    a density ε as broad as the data). 0: no levels.
     eps_floor: ε_min, where the annealed sampler ends, below the density's ε so that samples
     follow the data rather than p_ε's N(0, εI) blur; None: EPS_FLOOR (or ε if smaller)."""
     if eps_max == 0 or (eps_max is None and param != "log"):
@@ -76,7 +77,7 @@ def noise_levels(refs, eps, param, eps_max=None, eps_floor=None):
     if param != "log":
         raise BdiffError("noise levels (--eps-max) need log fields (--param log)")
     if eps_max is None:
-        eps_max = 2 * float(refs.var(0).sum())
+        eps_max = max(2 * float(refs.var(0).sum()), 4 * eps)
     if not eps_max > 2 * eps:
         raise BdiffError(f"--eps-max {eps_max:.4g} must exceed twice ε = {eps:.4g} (0 turns levels off)")
     eps_min = min(EPS_FLOOR, eps) if eps_floor is None else eps_floor

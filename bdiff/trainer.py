@@ -202,7 +202,7 @@ def column_coding(values, power, seed, backend=None):
     if coding is None or power == "on":
         return coding
     rows = probe[rng.permutation(len(probe))[:POWER_JUDGE_ROWS]]
-    folds = np.array_split(np.arange(len(rows)), POWER_JUDGE_FOLDS)
+    folds = np.array_split(np.arange(len(rows)), min(POWER_JUDGE_FOLDS, len(rows)))  # none empty
     logliks = []
     for candidate in (None, coding):
         scale = Standardizer.fit(rows, coding=candidate)

@@ -87,7 +87,7 @@ def field_matching_torch(x, y, eps, exclude=None):
     Uses the fused CPU attention op when PyTorch has it and x is on the CPU, else the chunked
     matmul path.
     """
-    if _FLASH_CPU is None or x.device.type != "cpu":
+    if _FLASH_CPU is None or x.device.type != "cpu" or x.shape[0] == 0:  # the CPU op: SIGFPE on 0 rows
         return field_matching_chunked(x, y, eps, exclude)
     eps = eps_column(eps, x)
     center = y.mean(0).detach()  # shrinks |x·y|/ε, the fp32 error of the dropped-constant trick
@@ -168,7 +168,7 @@ def field_matching_chunked(x, y, eps, exclude=None):
     step = max(1, LOGIT_BUDGET // max(1, y.shape[0]))
     y_sq = (y * y).sum(1)
     lses, means = [], []
-    for start in range(0, batch, step):
+    for start in range(0, max(batch, 1), step):  # no queries: one empty block
         rows = range(start, min(start + step, batch))
         xb = x[rows.start:rows.stop]
         eps_b = _eps_rows(eps, slice(rows.start, rows.stop))

@@ -27,6 +27,17 @@ def test_field_matching_matches_float64(impl, dim, excluded):
 
 
 @pytest.mark.parametrize("impl", FAST_PATHS + [field_matching_reference], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("excluded", [False, True])
+def test_no_queries_give_empty_fields(impl, excluded):
+    """An empty fold of a tiny table asks about no rows: the answer is empty. The CPU flash
+    attention op raised SIGFPE on zero rows and killed the process (`bdiff fit` on 3 rows)."""
+    _, y = random_case(1, 7, 3)
+    exclude = torch.zeros(0, dtype=torch.long) if excluded else None
+    lse, mean = impl(torch.zeros(0, 3), y, 0.5, exclude)
+    assert lse.shape == (0,) and mean.shape == (0, 3)
+
+
+@pytest.mark.parametrize("impl", FAST_PATHS + [field_matching_reference], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("dim", [1, 3, 17])
 @pytest.mark.parametrize("excluded", [False, True])
 def test_one_eps_per_row_equals_one_call_per_eps(impl, dim, excluded):
