@@ -65,6 +65,9 @@ class SampleConfig:
         if self.batch_size < 1:
             raise BdiffError(f"--batch-size must be >= 1, got {self.batch_size}")
         check_seed(self.seed)
+        if SAMPLERS[self.sampler].needs_levels and self.steps < 1:
+            raise BdiffError(f"the {self.sampler} sampler walks down its noise levels: --steps must be "
+                             f"at least one level, got {self.steps}")
         if SAMPLERS[self.sampler].needs_levels and self.init != "gaussian":
             raise BdiffError(f"the {self.sampler} sampler starts from its broadest level's Gaussian; "
                              "--init importance does not apply to it")

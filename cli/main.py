@@ -263,6 +263,10 @@ class _PlainProgress:
             tell(f"{self.what}: {text}")
 
 
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _levels_text(levels):
     return "" if levels is None else f" at noise levels {levels[0]:.4g}..{levels[1]:.4g}"
 
@@ -362,7 +366,7 @@ def sample_command(
     cfg = _sample_config(model, sampler, init, steps, denoise, trim, seed, batch_size, backend)
     values, report = _draw_samples(model, n, cfg)
     save_array(output, values.reshape(len(values), *model.item_shape))
-    line = f"wrote {output}: {n} samples ({_sampler_text(report)}); {report['low_density_share']:.2%} ended where s ≈ 0"
+    line = f"wrote {output}: {_count(n, 'sample')} ({_sampler_text(report)}); {report['low_density_share']:.2%} ended where s ≈ 0"
     if report["trimmed_share"] is not None:
         line += f"; {100 * report['trimmed_share']:.2f} % drawn again below the density of the data's lowest 0.1 %"
     say(line)
@@ -372,7 +376,7 @@ def sample_command(
 
 def _sampler_text(report):
     if report["levels"] is not None:
-        text = f"{report['sampler']} over {report['steps']} levels"
+        text = f"{report['sampler']} over {_count(report['steps'], 'level')}"
         if report["end_level"] > report["levels"][0]:  # fit found copies of the rows below it
             text += f" ending at {report['end_level']:.3g}, not ε_min, so as not to copy the training rows"
     else:

@@ -228,6 +228,7 @@ def test_sample_bad_input_leaves_existing_output_alone(tmp_path, tiny_checkpoint
         (["--sampler", "magic"], "unknown sampler"), (["--init", "grid"], "unknown --init"),
         (["--steps", "-1"], "--steps"), (["--device", "cuda"], "cuda"),
         (["--sampler", "smc", "--init", "importance"], "does not apply"),
+        (["--steps", "0"], "at least one level"), (["--sampler", "anneal", "--steps", "0"], "at least one level"),
     ]
     for args, message in cases:
         args = args if "-c" in args else ["-c", tiny_checkpoint, *args]
