@@ -211,7 +211,7 @@ def fit(
         tell(f"stopped at step {trainer.step}: the validation loss stopped improving")
     for line in trainer.fit_report():
         tell(line)
-    say(f"wrote {output} ({trainer.step} steps in {seconds:.1f} s)")
+    say(f"wrote {output} ({_count(trainer.step, 'step')} in {seconds:.1f} s)")
 
 
 def _given(ctx):
