@@ -366,7 +366,8 @@ def sample_command(
     cfg = _sample_config(model, sampler, init, steps, denoise, trim, seed, batch_size, backend)
     values, report = _draw_samples(model, n, cfg)
     save_array(output, values.reshape(len(values), *model.item_shape))
-    line = f"wrote {output}: {_count(n, 'sample')} ({_sampler_text(report)}); {report['low_density_share']:.2%} ended where s ≈ 0"
+    line = (f"wrote {output}: {_count(n, 'sample')} ({_sampler_text(report)}); "
+            f"{report['low_density_share']:.2%} ended where s ≈ 0")
     if report["trimmed_share"] is not None:
         line += f"; {100 * report['trimmed_share']:.2f} % drawn again below the density of the data's lowest 0.1 %"
     say(line)
