@@ -97,8 +97,9 @@ class TrainedModel:
 
     def check_dim(self, values, what):
         if values.shape[1] != self.dim:
-            raise BdiffError(f"{what} has {values.shape[1]} dimensions but the model was trained "
-                             f"on {self.dim}")
+            count = values.shape[1]
+            raise BdiffError(f"{what}: {count} dimension{'' if count == 1 else 's'}, but the model was "
+                             f"trained on {self.dim}")
 
     def log_density_std(self, x_std):
         """log p̂ at standardised points (float64); see density.log_density_std."""

@@ -243,7 +243,8 @@ def test_evaluate_bad_input(tmp_path, tiny_checkpoint):
     three_d = tmp_path / "three.npy"
     np.save(three_d, np.random.default_rng(0).normal(size=(50, 3)))
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", three_d), "3 dimensions")
-    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "intervals"), "1 dimensions")
+    assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "intervals"),
+                         "intervals: 1 dimension, but the model was trained on 2")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", tmp_path / "x.npy"), "no such file")
     assert_clean_failure(invoke("evaluate", "-c", tiny_checkpoint, "--data", "mixture", "--samples", three_d),
                          "3 dimensions")
