@@ -81,6 +81,13 @@ def retain_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_FREE_MEMORY))
 
 
+def prepare_host():
+    """What every command does first: torch on every core (use_all_cores) and freed memory kept
+    for the next tensor (retain_freed_memory)."""
+    use_all_cores()
+    retain_freed_memory()
+
+
 MAX_SEED = 2**63 - 1
 
 

@@ -84,9 +84,8 @@ def _progress():
 
 
 def _prepare_host():
-    from bdiff.backend import retain_freed_memory, use_all_cores
-    use_all_cores()
-    retain_freed_memory()
+    from bdiff.backend import prepare_host
+    prepare_host()
 
 
 @app.command()

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from bdiff.backend import retain_freed_memory, use_all_cores
+from bdiff.backend import prepare_host
 from bdiff.datasets import BUILTINS
 from bdiff.trainer import FitConfig, Trainer
 
-use_all_cores()  # or OMP_NUM_THREADS of them
-retain_freed_memory()  # as the CLI does
+prepare_host()  # as the CLI does: OMP_NUM_THREADS threads, freed memory kept
 
 TINY = dict(steps=60, width=32, depth=2, batch_size=256, checkpoint_every=20)
 
