@@ -102,7 +102,31 @@ def _read_csv(path):
             warnings.simplefilter("ignore", UserWarning)
             return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
     except ValueError as err:
-        raise BdiffError(f"{path} is not a numeric CSV: {err}")
+        raise BdiffError(f"{path} is not a numeric CSV: {_first_bad_line(path, header) or err}")
+
+
+def _first_bad_line(path, header):
+    """Where a CSV that np.loadtxt refused goes wrong, counted as an editor counts lines (numpy's
+    message counts data rows, from 0 in one message and from 1 in another); None if not found."""
+    width = None
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            fields = line.split("#", 1)[0].strip()  # loadtxt's comments and blank lines
+            if number <= header or not fields:
+                continue
+            values = fields.split(",")
+            if width is None:
+                width = (len(values), number)
+            elif len(values) != width[0]:
+                return f"line {number} has {len(values)} values, but line {width[1]} has {width[0]}"
+            for column, text in enumerate(values, 1):
+                try:
+                    float(text)
+                except ValueError:
+                    if not text.strip():
+                        return f"line {number}, column {column} is empty"
+                    return f"line {number}, column {column}: {text.strip()!r} is not a number"
+    return None
 
 
 def _validated(array, source):

@@ -47,7 +47,11 @@ BAD = {
     "rank5.npy": (lambda p: np.save(p, np.zeros((2, 1, 1, 1, 1))), "expected shape"),
     "strings.npy": (lambda p: np.save(p, np.array([["a", "b"], ["c", "d"]])), "expected numbers"),
     "objects.npy": (lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True), "pickled"),
-    "words.csv": (lambda p: p.write_text("x,y\n1,2\nfoo,3\n"), "not a numeric CSV"),
+    # lines as an editor counts them, blank and header lines included
+    "words.csv": (lambda p: p.write_text("x,y\n1,2\nfoo,3\n"), "not a numeric CSV: line 3, column 1: 'foo' is not a number"),
+    "blank_line.csv": (lambda p: p.write_text("1,2\n\n3,4\n5,z\n"), "line 4, column 2: 'z' is not a number"),
+    "empty_field.csv": (lambda p: p.write_text("1,2\n3,\n"), "line 2, column 2 is empty"),
+    "ragged.csv": (lambda p: p.write_text("a,b\n1,2\n3,4,5\n"), "line 3 has 3 values, but line 2 has 2"),
     "garbage.npy": (lambda p: p.write_bytes(b"not a numpy file at all"), "cannot read"),
     "garbage.npz": (lambda p: p.write_bytes(b"PK\x03\x04 broken zip"), "cannot read"),
     "garbage.safetensors": (lambda p: p.write_bytes(b"\x00\x01"), "cannot read"),
