@@ -105,18 +105,27 @@ def validate_meta(meta, tensors):
     need(number(meta.get("log_c")), f"log_c must be a finite number, got {meta.get('log_c')!r}")
     need(number(meta.get("eps_train")) and meta["eps_train"] > 0,
          f"eps_train must be a positive number, got {meta.get('eps_train')!r}")
-    shape = meta.get("item_shape")
-    need(isinstance(shape, list) and shape and all(whole(v) and v >= 1 for v in shape)
-         and int(np.prod(shape)) == dim, f"item_shape must be positive integers with product dim={dim}, "
-         f"got {shape!r}")
     standardizer = meta.get("standardizer")
     need(isinstance(standardizer, dict), "standardizer missing")
+    # the data's columns: dim (the model's) leaves out a table's constant columns, if any
+    model_columns = standardizer.get("model_columns")
+    mean = standardizer.get("mean")
+    columns = len(mean) if model_columns is not None and isinstance(mean, list) else dim
+    need(model_columns is None or (isinstance(model_columns, list) and len(model_columns) == dim
+                                   and all(whole(i) and 0 <= i < columns for i in model_columns)
+                                   and model_columns == sorted(set(model_columns)) and dim < columns),
+         f"standardizer model_columns must be {dim} sorted distinct column indices of fewer than "
+         f"{columns}, got {model_columns!r}")
+    shape = meta.get("item_shape")
+    need(isinstance(shape, list) and shape and all(whole(v) and v >= 1 for v in shape)
+         and int(np.prod(shape)) == columns, f"item_shape must be positive integers with product {columns}, "
+         f"got {shape!r}")
 
     def numbers(values, check=lambda v: True):
-        return isinstance(values, list) and len(values) == dim and all(number(v) and check(v) for v in values)
+        return isinstance(values, list) and len(values) == columns and all(number(v) and check(v) for v in values)
 
     for key in ("mean", "std"):
-        need(numbers(standardizer.get(key)), f"standardizer {key} must be {dim} finite numbers")
+        need(numbers(standardizer.get(key)), f"standardizer {key} must be {columns} finite numbers")
     need(all(v > 0 for v in standardizer["std"]), "standardizer std must be positive")
     coding = standardizer.get("coding")
 
@@ -126,20 +135,20 @@ def validate_meta(meta, tensors):
     powers = (isinstance(coding, dict) and set(coding) - {"tail"} == {"center", "scale", "power"}
               and numbers(coding["center"]) and numbers(coding["scale"], lambda v: v > 0)
               and numbers(coding["power"], lambda v: POWER_RANGE[0] <= v <= POWER_RANGE[1])
-              and numbers(coding.get("tail", [1.0] * dim), lambda v: TAIL_RANGE[0] <= v <= TAIL_RANGE[1]))
+              and numbers(coding.get("tail", [1.0] * columns), lambda v: TAIL_RANGE[0] <= v <= TAIL_RANGE[1]))
     need(coding is None or pixels or powers,
-         f"standardizer coding must be null, {{low < high, integer}} or {dim} {{center, scale > 0, "
+         f"standardizer coding must be null, {{low < high, integer}} or {columns} {{center, scale > 0, "
          f"power in {list(POWER_RANGE)}, tail in {list(TAIL_RANGE)}}} each, got {coding!r}")
     discrete = standardizer.get("discrete", {})
     need(isinstance(discrete, dict) and all(
-        key.isdigit() and int(key) < dim and isinstance(distinct, list)
+        key.isdigit() and int(key) < columns and isinstance(distinct, list)
         and 2 <= len(distinct) <= DISCRETE_MAX_VALUES
         and all(number(v) for v in distinct) and distinct == sorted(set(distinct))
         for key, distinct in discrete.items()),
         f"standardizer discrete must map column indices to 2-{DISCRETE_MAX_VALUES} sorted distinct "
         "finite values")
     constant = standardizer.get("constant", [])
-    need(isinstance(constant, list) and all(whole(i) and 0 <= i < dim for i in constant),
+    need(isinstance(constant, list) and all(whole(i) and 0 <= i < columns for i in constant),
          "standardizer constant must list column indices")
     levels = meta.get("levels")
     need(levels is None or (isinstance(levels, list) and len(levels) == 2 and all(number(v) for v in levels)

@@ -492,12 +492,14 @@ class Standardizer:
     coding where there is one (image data). Columns with few distinct values (codes, counts,
     a binary sex column) come back from inverse() snapped to those values: a density on the
     real line cannot put mass exactly on them, and a sample of 0.97 for a 0/1 column is one a
-    user (and a classifier two-sample test) tells from the data at once (NOTES.md)."""
+    user (and a classifier two-sample test) tells from the data at once (NOTES.md). A table's
+    constant columns are left out of the model units: they have no density to learn."""
     mean: np.ndarray
     std: np.ndarray               # 1 for constant columns, so forward() stays finite
     constant: np.ndarray = None   # columns with no spread: inverse() puts them back exactly
     coding: PixelCoding = None
     discrete: dict = None         # column → sorted distinct values (tabular data)
+    model_columns: np.ndarray = None  # the columns the model sees; None: all
 
     @classmethod
     def fit(cls, values, pooled=False, coding=None):
@@ -516,7 +518,13 @@ class Standardizer:
         if pooled:
             std = np.full_like(std, np.sqrt(squares.sum() / (len(values) * squares.size)))
         discrete = None if pooled else discrete_columns(values)
-        return cls(mean, np.where(std > 0, std, 1.0), constant, coding, discrete or None)
+        # a table's constant columns stay out of the model; an image keeps its fixed border pixels
+        model_columns = None if pooled or not constant.any() or constant.all() else np.flatnonzero(~constant)
+        return cls(mean, np.where(std > 0, std, 1.0), constant, coding, discrete or None, model_columns)
+
+    @property
+    def model_dim(self):
+        return self.mean.size if self.model_columns is None else self.model_columns.size
 
     def forward(self, values, noise=None):
         """Model units (float32); noise: the pixel coding's dequantisation draws, one per value."""
@@ -526,9 +534,12 @@ class Standardizer:
             if self.coding is not None:
                 part = self.coding.forward(part, None if noise is None else noise[rows])
             out[rows] = (part - self.mean) / self.std
-        return out
+        return out if self.model_columns is None else out[:, self.model_columns]
 
     def inverse(self, values):
+        if self.model_columns is not None:  # constant columns at 0 in model units: their value
+            values, seen = np.zeros((len(values), self.mean.size), values.dtype), values
+            values[:, self.model_columns] = seen
         scale = self.std if self.constant is None else np.where(self.constant, 0.0, self.std)
         out = values * scale + self.mean
         if self.coding is not None:
@@ -539,7 +550,8 @@ class Standardizer:
         return out.astype(np.float32)
 
     def log_jacobian(self, values):
-        """log |d(model units)/d(data units)| per row (numpy)."""
+        """log |d(model units)/d(data units)| per row (numpy); a constant column's std is 1 and its
+        power 1, so it adds nothing."""
         log_det = -np.log(self.std).sum()
         if self.coding is None:
             return np.full(len(values), log_det)
@@ -553,6 +565,8 @@ class Standardizer:
             d["coding"] = self.coding.to_dict()
         if self.discrete:
             d["discrete"] = {str(column): distinct.tolist() for column, distinct in self.discrete.items()}
+        if self.model_columns is not None:
+            d["model_columns"] = [int(i) for i in self.model_columns]
         return d
 
     @classmethod
@@ -563,7 +577,9 @@ class Standardizer:
         coding = coding_from_dict(d.get("coding"))
         discrete = {int(column): np.asarray(distinct, dtype=np.float64)
                     for column, distinct in d.get("discrete", {}).items()} or None
-        return cls(mean, np.asarray(d["std"], dtype=np.float64), constant, coding, discrete)
+        model_columns = d.get("model_columns")  # absent: every column (checkpoints from before)
+        return cls(mean, np.asarray(d["std"], dtype=np.float64), constant, coding, discrete,
+                   None if model_columns is None else np.asarray(model_columns, dtype=np.int64))
 
 
 def check_fit_output(output, data, resume, force):

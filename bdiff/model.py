@@ -23,7 +23,12 @@ class TrainedModel:
 
     @property
     def dim(self):
+        """The model's dimensions: the data's columns less its constant ones (Standardizer)."""
         return self.fields_net.dim
+
+    @property
+    def data_dim(self):
+        return self.standardizer.mean.size
 
     @classmethod
     def load(cls, path, device="cpu"):
@@ -79,7 +84,7 @@ class TrainedModel:
     @property
     def item_shape(self):
         """The shape of one item: (D,), or the image's axes."""
-        return tuple(self.meta.get("item_shape") or [self.dim])
+        return tuple(self.meta.get("item_shape") or [self.data_dim])
 
     def sample_config(self, **overrides):
         """The measured sampler defaults for this kind of model, overridden where not None."""
@@ -96,10 +101,10 @@ class TrainedModel:
         return self.standardizer.inverse(x.cpu().numpy()), report
 
     def check_dim(self, values, what):
-        if values.shape[1] != self.dim:
+        if values.shape[1] != self.data_dim:
             count = values.shape[1]
             raise BdiffError(f"{what}: {count} dimension{'' if count == 1 else 's'}, but the model was "
-                             f"trained on {self.dim}")
+                             f"trained on {self.data_dim}")
 
     def log_density_std(self, x_std):
         """log p̂ at standardised points (float64); see density.log_density_std."""
@@ -133,7 +138,10 @@ class TrainedModel:
         scale = math.exp(self.log_c - 0.5 * self.dim * math.log(2 * math.pi * self.eps))
         scale /= float(np.prod(self.standardizer.std))
         density = s.double().cpu().numpy() * scale
-        gradient = g.double().cpu().numpy() * scale / self.standardizer.std
+        gradient = np.zeros((len(values), self.data_dim))  # none along a constant column
+        columns = self.standardizer.model_columns
+        columns = slice(None) if columns is None else columns
+        gradient[:, columns] = g.double().cpu().numpy() * scale / self.standardizer.std[columns]
         return density, gradient
 
     def _device(self):

@@ -374,6 +374,9 @@ class Trainer:
         if not same_coding(coding_from_dict(meta["standardizer"].get("coding")), self.standardizer.coding):
             raise BdiffError(f"{path} coded its columns otherwise than this bdiff codes them (a run "
                              "from an earlier version?); start a new run with --force")
+        if meta["dim"] != self.dim:
+            raise BdiffError(f"{path} models {meta['dim']} columns where this bdiff models {self.dim} (it "
+                             "leaves constant columns out since 2026-12-02); start a new run with --force")
         for name in given:
             if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
                 continue

@@ -203,8 +203,8 @@ def fit(
         if powers:
             tell(powers)
         if trainer.constant_columns:
-            tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant; "
-                 "samples keep them at their value")
+            tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant: the model "
+                 "leaves them out (its density is that of the other columns) and samples keep their value")
         seconds = _train(trainer, output, data)
     if trainer.stopped_early:
         tell(f"stopped at step {trainer.step}: the validation loss stopped improving")

@@ -1,4 +1,5 @@
 """Model contract: shapes, gradients, checkpoint round trip, resume, interruption, bad checkpoints."""
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bdiff.checkpoint import read_checkpoint
+from bdiff.data import Standardizer
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
 from bdiff.losses import (TRIM_SHARE, ValidationSet, bandwidth, cluster_balanced_weights, data_clusters,
@@ -594,3 +596,42 @@ def test_a_coded_fit_samples_in_data_units_and_resumes_only_with_its_coding(tmp_
     again = Trainer(skewed, FitConfig(**{**TINY, "steps": 60}))
     again.restore(path)
     assert again.step == 40
+
+
+def test_constant_columns_are_left_out_of_the_model(tmp_path):
+    """A constant column has no density: modelled, it was a δ the fields had to learn at every
+    level, the reported log-likelihood counted its N(0, ε_min) blur (a 1-D bimodal table with
+    three constant columns read 8.9 nats a row where the column alone reads -1.45) and training
+    never stopped early (73 s against 5 s). The model now sees the other columns: fit, density
+    and samples are those of the table without them, and samples put the constants back."""
+    rng = np.random.default_rng(4)
+    varying = np.where(rng.random((300, 1)) < 0.3, rng.normal(-2, 0.3, (300, 1)), rng.normal(1, 0.7, (300, 1)))
+    table = np.column_stack([np.full(300, 7.0), varying, np.zeros(300)]).astype(np.float32)
+    paths = {name: str(tmp_path / f"{name}.safetensors") for name in ("table", "column")}
+    Trainer(table, FitConfig(**TINY)).run(paths["table"])
+    Trainer(varying.astype(np.float32), FitConfig(**TINY)).run(paths["column"])
+    with_constants, alone = TrainedModel.load(paths["table"]), TrainedModel.load(paths["column"])
+    assert with_constants.dim == 1 and with_constants.item_shape == (3,)
+    probe = np.column_stack([np.full(50, 7.0), np.linspace(-3, 3, 50), np.zeros(50)]).astype(np.float32)
+    np.testing.assert_allclose(with_constants.log_density(probe), alone.log_density(probe[:, 1:2]), rtol=1e-5)
+    cfg = with_constants.sample_config(steps=5, seed=0)
+    samples, _ = with_constants.sample_values(200, cfg)
+    assert samples.shape == (200, 3) and np.all(samples[:, 0] == 7.0) and np.all(samples[:, 2] == 0.0)
+    np.testing.assert_allclose(samples[:, 1], alone.sample_values(200, cfg)[0][:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(BdiffError, match="trained on 3"):
+        with_constants.check_dim(probe[:, :2], "the data")
+
+
+def test_resume_refuses_a_run_that_modelled_its_constant_columns(tmp_path, monkeypatch):
+    """A run from before constant columns were left out has a network over every column; resume
+    refuses it by name rather than failing on tensor shapes."""
+    values = np.column_stack([np.random.default_rng(5).normal(size=300), np.full(300, 2.0)]).astype(np.float32)
+    path = str(tmp_path / "old.safetensors")
+    fit = Standardizer.fit.__func__
+    with monkeypatch.context() as patch:  # the earlier Standardizer: every column in model units
+        patch.setattr(Standardizer, "fit", classmethod(
+            lambda cls, *a, **k: dataclasses.replace(fit(cls, *a, **k), model_columns=None)))
+        Trainer(values, FitConfig(**{**TINY, "steps": 20})).run(path)
+    assert TrainedModel.load(path).dim == 2
+    with pytest.raises(BdiffError, match="constant columns"):
+        Trainer(values, FitConfig(**{**TINY, "steps": 40})).restore(path)
