@@ -160,6 +160,10 @@ def validate_meta(meta, tensors):
     end = meta.get("end_level")
     need(end is None or (levels is not None and number(end) and levels[0] <= end <= levels[1]),
          f"end_level must be null or a level in [ε_min, ε_max] of a model with levels, got {end!r}")
+    far = meta.get("far_scaled_columns", [])
+    need(isinstance(far, list) and all(isinstance(item, list) and len(item) == 3 and whole(item[0])
+                                       and number(item[1]) and whole(item[2]) for item in far),
+         "far_scaled_columns must list [column, ratio, row] triples")
     support = meta.get("support_log_s")
     need(support is None or number(support), f"support_log_s must be null or a finite number, got {support!r}")
     config = meta.get("config")

@@ -10,7 +10,7 @@ from bdiff.data import Standardizer, is_image
 from bdiff.density import flow_log_density, log_density_std
 from bdiff.errors import BdiffError
 from bdiff.fields import FieldModel
-from bdiff.sampler import default_sample_config, sample
+from bdiff.sampler import UncoveredSupport, default_sample_config, sample
 
 
 @dataclass
@@ -93,7 +93,15 @@ class TrainedModel:
 
     def sample(self, n, cfg, on_batch=None):
         """n samples in standardised units and the sampler's report."""
-        return sample(self, n, cfg, self._device(), on_batch)
+        try:
+            return sample(self, n, cfg, self._device(), on_batch)
+        except UncoveredSupport as err:
+            far = self.meta.get("far_scaled_columns")  # fit's warning, where the cause likely is
+            if not far:
+                raise
+            column, _, row = far[0]
+            raise UncoveredSupport(f"{err}. fit found column {column}'s scale set by a few far rows (the "
+                                   f"farthest: row {row}): remove them and fit again") from None
 
     def sample_values(self, n, cfg, on_batch=None):
         """n samples in data units (a NumPy array on the host) and the sampler's report."""

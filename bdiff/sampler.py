@@ -443,7 +443,11 @@ def choose_end_level(fields, rows, cfg, decode=None):
 
     def ratio(level):
         trial = dataclasses.replace(cfg, end_level=level)
-        ratios[level] = nearest_ratio(decode(sample(fields, END_TRIAL_PARTICLES, trial)[0]), rows, scale=scale)
+        try:
+            x = sample(fields, END_TRIAL_PARTICLES, trial)[0]
+        except UncoveredSupport:  # judged on copying, not support: `bdiff sample` reports that
+            x = sample(fields, END_TRIAL_PARTICLES, dataclasses.replace(trial, trim=False))[0]
+        ratios[level] = nearest_ratio(decode(x), rows, scale=scale)
         return ratios[level]
 
     if ratio(low) >= 1 - COPY_TOLERANCE or high <= low:
@@ -454,6 +458,10 @@ def choose_end_level(fields, rows, cfg, decode=None):
         middle = math.sqrt(low * high)
         low, high = (middle, high) if ratio(middle) < 1 else (low, middle)
     return min(ratios, key=lambda level: abs(math.log(max(ratios[level], 1e-12)))), ratios
+
+
+class UncoveredSupport(BdiffError):
+    """More than MAX_TRIMMED of the particles ended below the data's support floor."""
 
 
 def sample(fields, n, cfg, device="cpu", on_batch=None):
@@ -481,7 +489,7 @@ def sample(fields, n, cfg, device="cpu", on_batch=None):
             x, log_s = x[inside], log_s[inside]
             trimmed += count - len(x)
             if trimmed > MAX_TRIMMED * n:
-                raise BdiffError(f"{trimmed} of {kept + count} particles ended below the density "
+                raise UncoveredSupport(f"{trimmed} of {kept + count} particles ended below the density "
                                  "of the data's lowest 0.1 %: the model does not cover its data (train "
                                  "longer?); --no-trim keeps them")
         kept += len(x)

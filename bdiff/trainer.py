@@ -16,7 +16,7 @@ from bdiff.adam import Adam
 from bdiff.backend import check_device, check_memory, check_seed
 from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, split_state
 from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, coding_from_dict,
-                        discrete_columns, fingerprint, is_image)
+                        discrete_columns, fingerprint, is_image, scale_set_by_far_rows)
 from bdiff.density import clearly_better, reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
@@ -261,7 +261,9 @@ class Trainer:
         noise = None  # integer pixels: one fixed dequantisation draw per value
         if isinstance(coding, PixelCoding) and coding.integer:
             noise = np.random.default_rng(cfg.seed).random(values.shape, dtype=np.float32)
-        rows = torch.from_numpy(self.standardizer.forward(values, noise)).to(self.device)
+        rows = torch.from_numpy(self.standardizer.forward(values, noise))
+        self.far_scaled_columns = [] if image else scale_set_by_far_rows(rows.numpy(), self.standardizer)
+        rows = rows.to(self.device)
         self.dim = rows.shape[1]
         cfg.param = resolve_param(cfg.param)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -343,6 +345,7 @@ class Trainer:
     def meta(self):
         return {"config": asdict(self.cfg), "eps": self.eps, "eps_train": self.eps_train, "log_c": self.log_c,
                 "standardizer": self.standardizer.to_dict(), "dim": self.dim,
+                "far_scaled_columns": [list(found) for found in self.far_scaled_columns],
                 "item_shape": list(self.item_shape), "fingerprint": self.fingerprint,
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
                 "eps_search": self.eps_scores,

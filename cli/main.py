@@ -205,6 +205,10 @@ def fit(
         if trainer.constant_columns:
             tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant: the model "
                  "leaves them out (its density is that of the other columns) and samples keep their value")
+        for column, ratio, row in trainer.far_scaled_columns:
+            tell(f"warning: column {column}'s standard deviation is {ratio:.0f} times its interquartile spread: "
+                 f"a few far rows set its scale (the farthest: row {row}, {loaded.values[row, column]:.4g}), and "
+                 "the other rows are modelled coarsely; check those rows for errors")
         seconds = _train(trainer, output, data)
     if trainer.stopped_early:
         tell(f"stopped at step {trainer.step}: the validation loss stopped improving")

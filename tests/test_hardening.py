@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 
 from bdiff.checkpoint import read_checkpoint
 from bdiff.data import Standardizer, atomic_path
+from bdiff.errors import BdiffError
+from bdiff.model import TrainedModel
 from bdiff.trainer import FitConfig, Trainer
 
 from conftest import TINY
@@ -212,6 +214,37 @@ def test_constant_data_is_refused_and_a_constant_column_stays_constant(tmp_path,
     out = tmp_path / "s.npy"
     assert invoke("sample", "-c", ckpt, "-o", out, "--n", 50, "--steps", 3).exit_code == 0
     assert np.all(np.load(out)[:, 1] == 7.0)
+
+
+def test_a_gross_outlier_is_named_and_fit_still_finishes(tmp_path):
+    """One mistyped row (1e6 among values of a few units) sets its column's scale: the other
+    rows are squeezed into a sliver of it. fit names the row and its column, and only those."""
+    rng = np.random.default_rng(7)
+    values = np.where(rng.random(2000) < 0.3, rng.normal(-2, 0.3, 2000), rng.normal(1, 0.7, 2000))
+    values[1234] = 1e6
+    data = tmp_path / "typo.npy"
+    np.save(data, np.column_stack([rng.normal(size=2000), values]))
+    ckpt = tmp_path / "m.safetensors"
+    result = invoke("fit", data, "-o", ckpt, *FAST_FIT)
+    assert result.exit_code == 0, result.stderr
+    assert "column 1" in result.stderr and "row 1234" in result.stderr and "1e+06" in result.stderr
+    assert "column 0" not in result.stderr
+
+
+def test_fit_finishes_where_the_end_level_trials_leave_the_data_support(tmp_path):
+    """1-D, the same typo: most of the end-level search's trial particles fell below the data's
+    support floor, and the trial sampling's error ("the model does not cover its data") ended
+    fit after training, without its checkpoint. That search judges copying, not support: its
+    trials keep every particle, and sampling is where the floor speaks, naming the far row."""
+    rng = np.random.default_rng(7)
+    values = np.where(rng.random(2000) < 0.3, rng.normal(-2, 0.3, 2000), rng.normal(1, 0.7, 2000))
+    values[1234] = 1e6
+    path = tmp_path / "m.safetensors"
+    Trainer(values[:, None].astype(np.float32), FitConfig(**TINY)).run(str(path))
+    assert read_checkpoint(path)[1]["end_level"] is not None
+    model = TrainedModel.load(path)
+    with pytest.raises(BdiffError, match="row 1234"):
+        model.sample(1000, model.sample_config(seed=0))
 
 
 def test_standardizer_keeps_constant_columns_constant():
