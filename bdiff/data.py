@@ -510,6 +510,31 @@ def scale_set_by_far_rows(rows, standardizer):
     return found
 
 
+# rows that alone set a column's scale stand this many times farther from its median than every
+# other row: a mistyped 1e6 among values of a few units, about 10^5 times; the two farthest rows
+# of a Cauchy sample (a tail, not a typo) are 100 times apart in about one table of 100
+FAR_APART = 100.0
+
+
+def rows_set_apart(column):
+    """Indices of the fewest farthest rows without which the column's sd is at most
+    SCALE_SET_BY_FAR_ROWS interquartile sds, where those rows lie FAR_APART beyond every other
+    row; empty where nothing sets the spread or a tail does (no such gap)."""
+    x = np.asarray(column, np.float64)
+    low, middle, high = np.percentile(x, [25, 50, 75])
+    spread = (high - low) / 1.349
+    if spread == 0:
+        return np.empty(0, dtype=np.int64)
+    order = np.argsort(np.abs(x - middle), kind="stable")  # nearest first
+    near = x[order] - middle
+    count = np.arange(1, len(x) + 1)
+    variance = np.cumsum(near ** 2) / count - (np.cumsum(near) / count) ** 2
+    kept = 1 + np.flatnonzero(variance <= (SCALE_SET_BY_FAR_ROWS * spread) ** 2).max()
+    if kept == len(x) or abs(near[kept]) < FAR_APART * abs(near[kept - 1]):
+        return np.empty(0, dtype=np.int64)
+    return order[kept:]
+
+
 @dataclass
 class Standardizer:
     """Data units ↔ the model's units: per-column (or pooled) standardisation, after the pixel
@@ -572,6 +597,27 @@ class Standardizer:
             between = (distinct[1:] + distinct[:-1]) / 2
             out[:, column] = distinct[np.searchsorted(between, out[:, column])]
         return out.astype(np.float32)
+
+    def scaled_without_rows_set_apart(self, rows, far_scaled):
+        """Rows (model units) with each far-scaled column (scale_set_by_far_rows' findings) whose
+        few far rows stand apart (rows_set_apart) standardised by its other rows, and this
+        standardizer changed to match; {column: those rows}. Scaled with them, the other rows
+        sat in a sliver of the column's range that no ε fits (NOTES.md)."""
+        rows = np.array(rows, np.float64)
+        places = range(self.mean.size) if self.model_columns is None else list(self.model_columns)
+        set_apart = {}
+        for column, _, _ in far_scaled:
+            place = places.index(column)
+            apart = rows_set_apart(rows[:, place])
+            if apart.size == 0:
+                continue
+            others = np.delete(rows[:, place], apart)
+            centre, spread = others.mean(), others.std()
+            rows[:, place] = (rows[:, place] - centre) / spread
+            self.mean[column] += self.std[column] * centre
+            self.std[column] *= spread
+            set_apart[column] = [int(row) for row in apart]
+        return rows.astype(np.float32), set_apart
 
     def log_jacobian(self, values):
         """log |d(model units)/d(data units)| per row (numpy); a constant column's std is 1 and its

@@ -263,6 +263,11 @@ class Trainer:
             noise = np.random.default_rng(cfg.seed).random(values.shape, dtype=np.float32)
         rows = torch.from_numpy(self.standardizer.forward(values, noise))
         self.far_scaled_columns = [] if image else scale_set_by_far_rows(rows.numpy(), self.standardizer)
+        self.rows_set_apart = {}
+        if self.far_scaled_columns:
+            scaled, self.rows_set_apart = self.standardizer.scaled_without_rows_set_apart(
+                rows.numpy(), self.far_scaled_columns)
+            rows = torch.from_numpy(scaled)
         rows = rows.to(self.device)
         self.dim = rows.shape[1]
         cfg.param = resolve_param(cfg.param)
@@ -380,6 +385,12 @@ class Trainer:
         if meta["dim"] != self.dim:
             raise BdiffError(f"{path} models {meta['dim']} columns where this bdiff models {self.dim} (it "
                              "leaves constant columns out since 2026-12-02); start a new run with --force")
+        scaled = meta["standardizer"]
+        if not (np.allclose(scaled["mean"], self.standardizer.mean, rtol=1e-6, atol=0)
+                and np.allclose(scaled["std"], self.standardizer.std, rtol=1e-6, atol=0)):
+            raise BdiffError(f"{path} scaled its columns otherwise than this bdiff scales them (a run "
+                             "from before rows set apart were left out of a column's scale?); start a "
+                             "new run with --force")
         for name in given:
             if name in RESUME_OPTIONS or not hasattr(stored, name):  # not a training setting
                 continue

@@ -206,9 +206,17 @@ def fit(
             tell(f"warning: column(s) {', '.join(map(str, trainer.constant_columns))} are constant: the model "
                  "leaves them out (its density is that of the other columns) and samples keep their value")
         for column, ratio, row in trainer.far_scaled_columns:
-            tell(f"warning: column {column}'s standard deviation is {ratio:.0f} times its interquartile spread: "
-                 f"a few far rows set its scale (the farthest: row {row}, {loaded.values[row, column]:.4g}), and "
-                 "the other rows are modelled coarsely; check those rows for errors")
+            apart = trainer.rows_set_apart.get(column)
+            if apart:
+                named = ", ".join(f"row {r} ({loaded.values[r, column]:.4g})" for r in apart[:5])
+                tell(f"warning: column {column}: {named}{' and more' if len(apart) > 5 else ''} lie far apart "
+                     f"from every other row (with them its standard deviation is {ratio:.0f} times its "
+                     "interquartile spread); the column is scaled without them: check them for errors")
+            else:
+                tell(f"warning: column {column}'s standard deviation is {ratio:.0f} times its interquartile "
+                     f"spread: a few far rows set its scale (the farthest: row {row}, "
+                     f"{loaded.values[row, column]:.4g}), and the other rows are modelled coarsely; check "
+                     "those rows for errors")
         seconds = _train(trainer, output, data)
     if trainer.stopped_early:
         tell(f"stopped at step {trainer.step}: the validation loss stopped improving")

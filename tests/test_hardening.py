@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from bdiff.checkpoint import read_checkpoint
-from bdiff.data import Standardizer, atomic_path
+from bdiff.data import Standardizer, atomic_path, rows_set_apart
 from bdiff.errors import BdiffError
 from bdiff.model import TrainedModel
+from bdiff.sampler import UncoveredSupport
 from bdiff.trainer import FitConfig, Trainer
 
 from conftest import TINY
@@ -228,22 +229,53 @@ def test_a_gross_outlier_is_named_and_fit_still_finishes(tmp_path):
     result = invoke("fit", data, "-o", ckpt, *FAST_FIT)
     assert result.exit_code == 0, result.stderr
     assert "column 1" in result.stderr and "row 1234" in result.stderr and "1e+06" in result.stderr
-    assert "column 0" not in result.stderr
+    assert "scaled without" in result.stderr and "column 0" not in result.stderr
 
 
-def test_fit_finishes_where_the_end_level_trials_leave_the_data_support(tmp_path):
-    """1-D, the same typo: most of the end-level search's trial particles fell below the data's
-    support floor, and the trial sampling's error ("the model does not cover its data") ended
-    fit after training, without its checkpoint. That search judges copying, not support: its
-    trials keep every particle, and sampling is where the floor speaks, naming the far row."""
+def test_fit_scales_a_column_without_the_rows_set_apart_and_samples_its_bulk(tmp_path):
+    """1-D, the same typo. Scaled with it, the other rows sat in a sliver of the column's range:
+    the end-level search's trials fell below the data's support floor and ended fit after
+    training, and `bdiff sample` refused (5368 of 10 000 particles below the floor). The column is
+    now scaled by the rows without it, and the samples follow the other rows."""
     rng = np.random.default_rng(7)
     values = np.where(rng.random(2000) < 0.3, rng.normal(-2, 0.3, 2000), rng.normal(1, 0.7, 2000))
     values[1234] = 1e6
+    trainer = Trainer(values[:, None].astype(np.float32), FitConfig(**TINY))
+    bulk = np.delete(values, 1234)
+    assert trainer.standardizer.std[0] == pytest.approx(bulk.std(), rel=1e-4)
     path = tmp_path / "m.safetensors"
-    Trainer(values[:, None].astype(np.float32), FitConfig(**TINY)).run(str(path))
-    assert read_checkpoint(path)[1]["end_level"] is not None
+    trainer.run(str(path))
     model = TrainedModel.load(path)
-    with pytest.raises(BdiffError, match="row 1234"):
+    samples, _ = model.sample_values(2000, model.sample_config(seed=0))
+    near = samples[np.abs(samples[:, 0]) < 100, 0]
+    assert len(near) >= 1990
+    assert np.mean(near < -0.5) == pytest.approx(np.mean(bulk < -0.5), abs=0.06)  # the 30 % mode
+
+
+def test_a_heavy_tail_is_not_taken_for_rows_set_apart():
+    """A Cauchy column's spread is set by its tail too, but no few rows stand apart from the
+    rest: scaled by its middle alone, the tail's held-out rows would sit hundreds of units out
+    (log-likelihood -5.9 -> -306 on 5000 rows), so it keeps its plain scale."""
+    for seed in range(5):
+        values = np.random.default_rng(seed).standard_cauchy((5000, 1))
+        assert rows_set_apart(values[:, 0]).size == 0
+    typo = np.random.default_rng(0).normal(size=500)
+    typo[[3, 40]] = [1e6, -3e5]
+    assert sorted(rows_set_apart(typo)) == [3, 40]
+
+
+def test_sampling_that_leaves_the_support_names_the_far_row_fit_found(tmp_path, monkeypatch):
+    """Where fit warned of a column's scale and sampling then leaves the data's support, the
+    error points at the row fit named."""
+    path = tmp_path / "m.safetensors"
+    Trainer(np.random.default_rng(0).normal(size=(300, 1)).astype(np.float32), FitConfig(**TINY)).run(str(path))
+    model = TrainedModel.load(path)
+    model.meta["far_scaled_columns"] = [[0, 31.0, 77]]
+
+    def uncovered(*args):
+        raise UncoveredSupport("5000 of 10000 particles ended below the density of the data's lowest 0.1 %")
+    monkeypatch.setattr("bdiff.model.sample", uncovered)
+    with pytest.raises(BdiffError, match="row 77"):
         model.sample(1000, model.sample_config(seed=0))
 
 

@@ -635,3 +635,22 @@ def test_resume_refuses_a_run_that_modelled_its_constant_columns(tmp_path, monke
     assert TrainedModel.load(path).dim == 2
     with pytest.raises(BdiffError, match="constant columns"):
         Trainer(values, FitConfig(**{**TINY, "steps": 40})).restore(path)
+
+
+def test_resume_refuses_a_run_whose_columns_were_scaled_otherwise(tmp_path):
+    """A run from before rows set apart were left out of a column's scale trained on rows in
+    other units; resume refuses it rather than training its weights on rows scaled anew."""
+    values = np.random.default_rng(6).normal(size=(400, 2))
+    values[17, 1] = 1e6
+    values = values.astype(np.float32)
+    path = tmp_path / "new.safetensors"
+    Trainer(values, FitConfig(**{**TINY, "steps": 20})).run(str(path))
+    tensors, meta = read_checkpoint(path)
+    meta["standardizer"]["std"][1] = float(values[:, 1].std())  # as the earlier bdiff scaled it
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(path)), str(older), metadata={"bdiff": json.dumps(meta)})
+    with pytest.raises(BdiffError, match="scaled"):
+        Trainer(values, FitConfig(**{**TINY, "steps": 40})).restore(str(older))
+    again = Trainer(values, FitConfig(**{**TINY, "steps": 40}))
+    again.restore(str(path))
+    assert again.step == 20
