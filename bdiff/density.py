@@ -169,12 +169,16 @@ FLOW_SELECT_STEPS = 16
 CLEAR_GAIN_SES = 2.0
 
 
-def clearly_better(rows, other):
+def clearly_better(rows, other, winsorize=0.0):
     """Whether the per-row log-likelihoods `rows` beat `other` (of the same rows) beyond their
-    noise: a mean gain of more than CLEAR_GAIN_SES standard errors."""
+    noise: a mean gain of more than CLEAR_GAIN_SES standard errors. `winsorize` clips that share
+    of the gains at each end to the nearest kept one first, where a few rows' gains can be of
+    any size (NOTES.md)."""
     gain = np.asarray(rows, np.float64) - np.asarray(other, np.float64)
     if len(gain) < 2:
         return False
+    if winsorize:
+        gain = np.clip(gain, *np.quantile(gain, [winsorize, 1 - winsorize]))
     return float(gain.mean()) > CLEAR_GAIN_SES * float(gain.std(ddof=1)) / math.sqrt(len(gain))
 
 
