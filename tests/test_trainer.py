@@ -640,15 +640,19 @@ def test_resume_refuses_a_run_that_modelled_its_constant_columns(tmp_path, monke
 def test_auto_fits_tail_powers_where_a_tail_sets_a_column_s_scale():
     """A Cauchy column's sd is tens of interquartile sds, set by a tail rather than a few rows
     apart: plainly scaled, its held-out log-likelihood was -5.90 on 5000 rows (a BIC mixture
-    -4.36, the law's own -2.53); with tail powers -2.74. auto fits them there, and only there:
-    t3 returns, a normal column and a typo's column keep theirs at 1. The judge clips the
-    extreme 1 % of its row gains at each end where it weighs tails."""
+    -4.36, the law's own -2.53); with tail powers on the column scaled by its middle -2.56. auto
+    fits them there, and only there: t3 returns, a normal column and a typo's column keep
+    theirs at 1. The judge clips the extreme 1 % of its row gains at each end where it weighs
+    tails."""
     rng = np.random.default_rng(8)
     typo = rng.normal(size=2000)
     typo[5] = 1e6
     table = np.column_stack([rng.standard_cauchy(2000), rng.normal(size=2000), typo])
     coding = column_coding(table, "auto", seed=0)
     assert coding is not None and coding.tail[0] < 0.5 and np.all(coding.tail[1:] == 1)
+    # standardised by its middle, not its sd: the tail power does the work, no skewing power
+    assert coding.power[0] == 1 and coding.scale[0] == pytest.approx(np.subtract(
+        *np.percentile(table[:, 0], [75, 25])) / 1.349)
     assert column_coding(rng.standard_t(3, (2000, 2)), "auto", seed=0) is None
     # two Cauchy columns: one far row's gain (10^5 nats) had hidden the others' in the judge's noise
     both = column_coding(np.random.default_rng(0).standard_cauchy((2000, 2)), "auto", seed=0)
