@@ -146,8 +146,8 @@ def fit(
                               "them, with tail powers sinh(δ asinh y)/δ for columns whose tail sets "
                               "their spread (sd over 10 interquartile sds: Cauchy-like); on: "
                               "wherever a column's power is away from 1, and tail powers for every "
-                              "heavy symmetric tail such as daily returns; off. The checkpoint keeps them: samples and densities are "
-                              "in data units."),
+                              "heavy symmetric tail such as daily returns; off. The checkpoint keeps "
+                              "them: samples and densities are in data units."),
     pixel_logit: bool = typer.Option(True, "--pixel-logit/--no-pixel-logit", help="Image data: "
                                      "model logit-coded pixels (integer pixels dequantised), so "
                                      "samples stay in the data's range and on its grid."),
