@@ -424,9 +424,8 @@ class PowerCoding:
                 # by its sd, a tail-set column's rows sit in a sliver near 0 where the tail power
                 # is the identity, and a Yeo-Johnson power bent it instead (Cauchy: 0.46-1.68,
                 # held-out -2.74; by its middle: power 1, -2.56, the law's own -2.53)
-                low, middle, high = np.percentile(probe[:, column], [25, 50, 75])
-                center[column], scale[column] = middle, (high - low) / 1.349
-                z[:, column] = (probe[:, column] - middle) / scale[column]
+                center[column], scale[column] = _middle_and_spread(probe[:, column])
+                z[:, column] = (probe[:, column] - center[column]) / scale[column]
             power[column], tail[column] = column_powers(z[:, column], column in tails)
         if np.all(power == 1) and np.all(tail == 1):
             return None
@@ -517,11 +516,16 @@ def scale_set_by_far_rows(rows, standardizer):
     return found
 
 
+def _middle_and_spread(column):
+    """(median, interquartile sd: IQR / 1.349, a normal column's sd) of one column."""
+    low, middle, high = np.percentile(column, [25, 50, 75])
+    return middle, (high - low) / 1.349
+
+
 def _spread_ratio(column):
     """(sd / interquartile sd, median) of one column; the ratio is 0 for a column mostly of one
     value (no interquartile spread: no call)."""
-    low, middle, high = np.percentile(column, [25, 50, 75])
-    spread = (high - low) / 1.349
+    middle, spread = _middle_and_spread(column)
     return (column.std() / spread if spread > 0 else 0.0), middle
 
 
@@ -550,8 +554,7 @@ def rows_set_apart(column):
     SCALE_SET_BY_FAR_ROWS interquartile sds, where those rows lie FAR_APART beyond every other
     row; empty where nothing sets the spread or a tail does (no such gap)."""
     x = np.asarray(column, np.float64)
-    low, middle, high = np.percentile(x, [25, 50, 75])
-    spread = (high - low) / 1.349
+    middle, spread = _middle_and_spread(x)
     if spread == 0:
         return np.empty(0, dtype=np.int64)
     order = np.argsort(np.abs(x - middle), kind="stable")  # nearest first
