@@ -211,6 +211,11 @@ def column_coding(values, power, seed, backend=None):
     if coding is None or power == "on":
         return coding
     rows = probe[rng.permutation(len(probe))[:POWER_JUDGE_ROWS]]
+    # the folds refit this coding's own transforms, no others: a column left plain on all rows
+    # (radar's first band, by its cluster gap) could draw a tail power on a fold's rows, and the
+    # judge would then pass a coding it had not weighed (radar: -18.936 -> -19.039 held out)
+    uncoded = {column for column in range(probe.shape[1]) if coding.power[column] == 1 and coding.tail[column] == 1}
+    fold_tails = [column for column in tails if coding.tail[column] < 1]
     folds = np.array_split(np.arange(len(rows)), min(POWER_JUDGE_FOLDS, len(rows)))  # none empty
     plain, coded = [], []
     for fold in folds:
@@ -218,14 +223,14 @@ def column_coding(values, power, seed, backend=None):
         # the fold's own powers, fitted without its rows: powers fitted on the rows they are
         # judged on gain about 0.5/n nats per column in-sample, which coded Gaussian tables of
         # many columns and few rows (NOTES.md)
-        fold_coding = PowerCoding.fit(rest, skip=codes, tails=tails) if len(rest) > 1 else None
+        fold_coding = PowerCoding.fit(rest, skip=codes | uncoded, tails=fold_tails) if len(rest) > 1 else None
         for candidate, per_row in ((None, plain), (fold_coding, coded)):
             scale = Standardizer.fit(rest, coding=candidate)
             loglik = heldout_row_logliks(torch.from_numpy(scale.forward(held)),
                                          torch.from_numpy(scale.forward(rest)), backend)
             per_row.append(loglik + scale.log_jacobian(held))
     # a tail's far rows gain 10^5 nats under the coding: their noise would hide the rest's gain
-    clipped = TAIL_JUDGE_WINSORIZE if tails else 0.0
+    clipped = TAIL_JUDGE_WINSORIZE if np.any(coding.tail < 1) else 0.0
     return coding if clearly_better(np.concatenate(coded), np.concatenate(plain), winsorize=clipped) else None
 
 
