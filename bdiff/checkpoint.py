@@ -86,6 +86,25 @@ class MetaError(ValueError):
 ARCHS, PARAMS = ("shared", "separate"), ("linear", "log")
 
 
+def _mixture_ok(base, dim):
+    """Whether a checkpoint's flow_base is None or a well-formed Gaussian mixture (density.flow_base)."""
+    if base is None:
+        return True
+    if not isinstance(base, dict) or set(base) != {"weights", "means", "covariances"}:
+        return False
+    try:
+        weights, means, covariances = (np.asarray(base[key], np.float64) for key in ("weights", "means", "covariances"))
+    except (TypeError, ValueError):
+        return False
+    count = len(weights)
+    if (weights.shape != (count,) or count < 1 or means.shape != (count, dim) or covariances.shape != (count, dim, dim)
+            or not all(np.isfinite(part).all() for part in (weights, means, covariances))
+            or np.any(weights <= 0) or abs(weights.sum() - 1) > 1e-6
+            or not np.allclose(covariances, covariances.transpose(0, 2, 1))):
+        return False
+    return bool(np.all(np.linalg.eigvalsh(covariances) > 0))
+
+
 def validate_meta(meta, tensors):
     """Every metadata field a model is built from: types, ranges, and the network sizes
     against the stored tensors' shapes, before anything is allocated from them."""
@@ -160,6 +179,9 @@ def validate_meta(meta, tensors):
     end = meta.get("end_level")
     need(end is None or (levels is not None and number(end) and levels[0] <= end <= levels[1]),
          f"end_level must be null or a level in [ε_min, ε_max] of a model with levels, got {end!r}")
+    need(_mixture_ok(meta.get("flow_base"), dim), "flow_base must be null or {weights, means, covariances} "
+         f"of a Gaussian mixture in {dim} dimensions: positive weights summing to 1, "
+         "finite means, positive definite covariances")
     far = meta.get("far_scaled_columns", [])
     need(isinstance(far, list) and all(isinstance(item, list) and len(item) == 3 and whole(item[0])
                                        and number(item[1]) and whole(item[2]) for item in far),

@@ -124,15 +124,40 @@ def _flow_velocity(fields_net, x, u):
     return -0.5 * level * score, -0.5 * level * divergence
 
 
-def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
+def flow_base(mixture):
+    """The flow density's top level, p_ε_max, as a Gaussian mixture of the training rows
+    (standardised units; a scikit-learn GaussianMixture with full covariances, such as
+    losses.data_clusters) as plain lists for the checkpoint; ε_max is added when it is used. For
+    data whose standard deviation a light far mode sets (0.5 % of rows 20 sd out), p_ε_max is
+    not one Gaussian: N(0, (1 + ε_max) I) put that mode's rows tens of nats too low (NOTES.md)."""
+    if mixture is None:
+        return None
+    return {"weights": mixture.weights_.tolist(), "means": mixture.means_.tolist(),
+            "covariances": mixture.covariances_.tolist()}
+
+
+def _log_base(x, eps_max, base):
+    """log p_ε_max at standardised points (float64): flow_base's mixture smoothed by N(0, ε_max
+    I), or N(0, (1 + ε_max) I) without one (images, checkpoints from before it)."""
+    if base is None:
+        return _log_gaussian(x, 1 + eps_max)
+    x = x.double()
+    weights, means, covariances = (torch.as_tensor(np.asarray(base[key], np.float64), device=x.device)
+                                   for key in ("weights", "means", "covariances"))
+    smoothed = covariances + eps_max * torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+    components = torch.distributions.MultivariateNormal(means, covariance_matrix=smoothed)
+    return torch.logsumexp(components.log_prob(x.unsqueeze(1)) + weights.log(), dim=1)
+
+
+def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096, base=None):
     """log q_ε at standardised points (float64, on the CPU): the density the score fields define
     through the probability-flow ODE dx/dε = -½ ∇log p_ε(x) (Song et al. 2021, in its
-    variance-exploding form). Each row is carried from ε up to ε_max, where p_ε_max is within
-    a few hundredths of a nat of N(0, (1 + ε_max) I) for standardised data, and
-    log q_ε(x) = log N(x(ε_max)) - ½ ∫ ∇·score dε. A change of variables of a normalised
-    Gaussian, so q_ε is positive and integrates to one by construction, with no importance
-    sampling (which fails above a few dimensions). A share DEFENSIVE_SHARE of
-    N(0, (1 + ε) I) keeps it finite where the learned score is wild."""
+    variance-exploding form). Each row is carried from ε up to ε_max and
+    log q_ε(x) = log p_ε_max(x(ε_max)) - ½ ∫ ∇·score dε, with p_ε_max from `base` (flow_base:
+    the rows' Gaussian mixture smoothed by ε_max; None: N(0, (1 + ε_max) I)). A change of
+    variables of a normalised density, so q_ε is positive and integrates to one by
+    construction, with no importance sampling (which fails above a few dimensions). A share
+    DEFENSIVE_SHARE of N(0, (1 + ε) I) keeps it finite where the learned score is wild."""
     eps_max = fields_net.levels[1]
     span = math.log(eps_max / eps)
     grid = [math.log(eps) + span * k / steps for k in range(steps + 1)]  # u = log ε
@@ -148,7 +173,7 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096):
             k4 = _flow_velocity(fields_net, x + h * k3[0], u_next)
             x = x + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
             log_volume += h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-        log_flow = _log_gaussian(x, 1 + eps_max) + log_volume
+        log_flow = _log_base(x, eps_max, base) + log_volume
         log_broad = _log_gaussian(x0, 1 + eps)
         parts.append(torch.logaddexp(log_flow + math.log1p(-DEFENSIVE_SHARE),
                                      log_broad + math.log(DEFENSIVE_SHARE)).cpu())
@@ -182,7 +207,7 @@ def clearly_better(rows, other, winsorize=0.0):
     return float(gain.mean()) > CLEAR_GAIN_SES * float(gain.std(ddof=1)) / math.sqrt(len(gain))
 
 
-def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
+def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6, base=None):
     """The level from which the flow density best predicts the validation rows, among ε / 4^k
     (k < candidates_down) above ε_min, and ε_min; None where the field density at ε (validation
     score `field_score`, None when unknown) predicts them better. The suite's data sets measured
@@ -198,7 +223,7 @@ def select_flow_eps(fields_net, val_rows, eps, field_score, candidates_down=6):
     candidates = [eps / 4 ** k for k in range(candidates_down) if eps / 4 ** k > eps_min] + [eps_min]
     chosen, chosen_rows, scores = None, None, []
     for level in candidates:
-        rows = flow_log_density(fields_net, val_rows, level, FLOW_SELECT_STEPS)
+        rows = flow_log_density(fields_net, val_rows, level, FLOW_SELECT_STEPS, base=base)
         scores.append((level, float(rows.mean())))
         if chosen_rows is not None and not clearly_better(rows, chosen_rows):
             break

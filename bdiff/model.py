@@ -137,7 +137,8 @@ class TrainedModel:
     def flow_log_density(self, values):
         """Log of the probability-flow density from flow_eps (density.flow_log_density) at points
         in data units (numpy)."""
-        return self._in_data_units(lambda x: flow_log_density(self.fields_net, x, self.flow_eps), values)
+        return self._in_data_units(lambda x: flow_log_density(self.fields_net, x, self.flow_eps,
+                                                              base=self.meta.get("flow_base")), values)
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

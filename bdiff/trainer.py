@@ -18,7 +18,7 @@ from bdiff.checkpoint import optimizer_state, read_checkpoint, save_checkpoint, 
 from bdiff.data import (POWER_PROBE_ROWS, PixelCoding, PowerCoding, Standardizer, coding_from_dict,
                         discrete_columns, fingerprint, is_image, scale_set_by_far_rows,
                         tail_set_columns)
-from bdiff.density import clearly_better, reliable, select_eps, select_flow_eps
+from bdiff.density import clearly_better, flow_base, reliable, select_eps, select_flow_eps
 from bdiff.errors import BdiffError
 from bdiff.fields import MAX_FOURIER, PARAMS, FieldModel, resolve_param
 from bdiff.losses import (EPS_RULES, GRAD_LOSSES, LEVEL_SAMPLINGS, ValidationSet, bandwidth,
@@ -290,6 +290,7 @@ class Trainer:
         self.refs, self.val_rows = split_validation(rows, cfg.val_fraction, self.generator)
         self.eps_scores = self.eps_model_scores = None
         self.flow_eps = self.flow_scores = None  # the flow density's level (choose_eps)
+        self.flow_base = None  # and its top level, the rows' mixture (choose_eps; tables)
         self.support_log_s = None  # the sampler's trimming floor, set when training ends
         self.end_level = self.end_search = None  # where the annealing samplers end, set then too
         if cfg.eps_rule == "auto":
@@ -370,7 +371,7 @@ class Trainer:
                 "step": self.step, "source": self.source, "n_train": len(self.refs),
                 "eps_search": self.eps_scores,
                 "eps_model_search": self.eps_model_scores,
-                "flow_eps": self.flow_eps, "flow_search": self.flow_scores,
+                "flow_eps": self.flow_eps, "flow_search": self.flow_scores, "flow_base": self.flow_base,
                 "support_log_s": self.support_log_s,
                 "end_level": self.end_level, "end_search": self.end_search,
                 "levels": None if self.levels is None else list(self.levels),
@@ -420,6 +421,7 @@ class Trainer:
         self.eps_train = meta["eps_train"]
         self.eps_scores, self.eps_model_scores = meta.get("eps_search"), meta.get("eps_model_search")
         self.flow_eps, self.flow_scores = meta.get("flow_eps"), meta.get("flow_search")
+        self.flow_base = meta.get("flow_base")
         self.val_history = [tuple(item) for item in meta.get("validation", [])]  # stopping restarts
         self.levels = None if meta.get("levels") is None else tuple(meta["levels"])
         self.source_weights = self._source_weights()
@@ -508,8 +510,11 @@ class Trainer:
         self.eps, self.eps_model_scores = select_eps(self.ema, self.val_rows, self.refs, self.log_c,
                                                      candidates, seed=self.cfg.seed)
         _, field_score, z, se = self._density_eps_score()
+        # images keep N(0, (1 + ε_max) I) at the top: a 64-D mixture by BIC is not worth its cost
+        self.flow_base = None if is_image(self.item_shape) else flow_base(self._clusters)
         self.flow_eps, self.flow_scores = select_flow_eps(self.ema, self.val_rows, self.eps,
-                                                          field_score if reliable(z, se) else None)
+                                                          field_score if reliable(z, se) else None,
+                                                          base=self.flow_base)
 
     def choose_end_level(self):
         """The level the annealing samplers end at (sampler.choose_end_level), judged on samples

@@ -228,6 +228,39 @@ def test_the_flow_density_of_a_gaussian_score_is_that_gaussian(rng):
     np.testing.assert_allclose(ours, exact, atol=0.01)
 
 
+class _MixtureScore(_GaussianScore):
+    """The exact score fields of a Gaussian mixture (common variance) smoothed by N(0, εI)."""
+
+    def __init__(self, weights, means, variance, levels):
+        super().__init__(variance, levels)
+        import torch
+        self.log_weights, self.means = torch.tensor(weights).log(), torch.tensor(means, dtype=torch.float64)
+
+    def raw(self, x, eps, score_only=False):
+        offsets = x.double().unsqueeze(1) - self.means  # (rows, components, D)
+        log_r = self.log_weights - 0.5 * offsets.pow(2).sum(2) / (self.variance + eps)
+        responsibility = log_r.softmax(1).unsqueeze(2)
+        return None, (-(responsibility * offsets).sum(1) / (self.variance + eps)).to(x.dtype)
+
+
+def test_the_flow_density_starts_from_the_rows_mixture_at_the_top_level(rng):
+    """A 0.5 % mode 20 sd out (standardised units: sd set by the far mode) is still apart at
+    ε_max, where N(0, (1 + ε_max) I) put its rows 20-45 nats too low: on benchmarks/hostile.py's
+    far_mode table the far rows read -72 nats against the law's -8. Started from the rows' own
+    Gaussian mixture smoothed by ε_max, the flow density is the law's, far rows included."""
+    from bdiff.density import DEFENSIVE_SHARE, flow_log_density
+    weights, means, variance, levels = [0.995, 0.005], [[0.0, 0.0], [14.0, 14.0]], 0.0022, (1e-4, 4.0)
+    base = {"weights": weights, "means": means, "covariances": [np.eye(2) * variance] * 2}
+    net = _MixtureScore(weights, means, variance, levels)
+    x = np.concatenate([rng.normal(0, 0.047, (50, 2)), rng.normal(14, 0.047, (50, 2))])
+    eps = 1e-3
+    ours = flow_log_density(net, x, eps, base=base).numpy()
+    law = np.logaddexp(np.log(0.995) + _log_normal(x, variance + eps), np.log(0.005) + _log_normal(x - 14, variance + eps))
+    exact = np.logaddexp(np.log1p(-DEFENSIVE_SHARE) + law, np.log(DEFENSIVE_SHARE) + _log_normal(x, 1 + eps))
+    np.testing.assert_allclose(ours, exact, atol=0.01)
+    assert np.all(flow_log_density(net, x[50:], eps).numpy() < exact[50:] - 10)  # without the mixture
+
+
 def test_the_flow_density_of_a_network_integrates_to_one():
     """Any score network gives a normalised density (a change of variables of the prior):
     an untrained 1-D one, integrated on a grid."""
@@ -319,7 +352,7 @@ def test_the_flow_level_search_stops_at_the_first_level_that_predicts_worse(monk
     heights = {0.64: -2.0, 0.16: -1.5, 0.04: -1.6, 0.01: -1.2, 0.0025: -1.1, 1e-3: -1.0}  # a second peak
     calls = []
 
-    def fake_flow(fields_net, rows, eps, steps):
+    def fake_flow(fields_net, rows, eps, steps, base=None):
         calls.append(eps)
         return torch.full((len(rows),), heights[round(eps, 6)], dtype=torch.float64)
 
@@ -346,7 +379,7 @@ def test_the_flow_level_search_moves_down_only_on_a_gain_beyond_its_noise(monkey
     noise = (noise - noise.mean()) / noise.std()  # sd 1: the gain's standard error is 1/sqrt(20)
     gains = {0.64: 0.0, 0.16: 0.0, 0.04: 0.0, 0.01: 0.0, 0.0025: 0.0, 1e-3: 0.0}
 
-    def fake_flow(fields_net, rows, eps, steps):
+    def fake_flow(fields_net, rows, eps, steps, base=None):
         level = round(eps, 6)
         below = [g for k, g in gains.items() if k >= level]  # the gains down to this level add up
         return -2.0 + sum(below) + noise * (2.0 if level < 0.64 else 0.0)

@@ -197,6 +197,9 @@ def test_a_small_table_trains_to_the_cap_whatever_its_few_validation_rows_say():
     trainer.run()
     assert trainer.step == 400 and not trainer.stopped_early
     assert trainer.flow_eps is not None or trainer.flow_scores  # the density was still chosen
+    # the flow density's top level: the rows' Gaussian mixture, stored for the checkpoint
+    assert trainer.meta()["flow_base"] is not None
+    assert sum(trainer.meta()["flow_base"]["weights"]) == pytest.approx(1.0)
 
 
 def test_a_stall_seen_at_the_last_step_is_not_an_early_stop():
