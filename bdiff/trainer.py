@@ -193,7 +193,8 @@ def column_coding(values, power, seed, backend=None):
     bimodal column's power warps its modes (faithful's eruptions: fitted power 1.57, held-out
     log-likelihood -4.06 -> -4.12 with it), a skewed column's brings its tail in (NOTES.md).
     "on" adds tail powers for heavy symmetric tails; auto only for columns whose tail sets their
-    spread (data.tail_set_columns: Cauchy-like). Below that the training rows cannot
+    spread or leaves them without variance (data.tail_set_columns: Cauchy-like, Student-t with
+    under 2 degrees of freedom). Below that the training rows cannot
     tell a heavy tail from a mixture's far modes (the rows of a 2-D Gaussian mixture fitted tail
     powers 0 and the judge kept them; its samples' far share went 0.14 -> 0.66 %), and on daily
     returns their gain, decided by crash days, is within the judge's noise (sp500: 0.027 +-
