@@ -673,6 +673,31 @@ def test_auto_fits_tail_powers_where_a_column_has_no_variance():
     assert coding is not None and coding.tail[0] < TAIL_KEPT_BELOW
 
 
+def test_the_coding_judge_weighs_the_coding_it_returns(monkeypatch):
+    """The judge's folds refit the powers of the columns the coding codes, and no others: fitted
+    from scratch, a fold gave radar's first band (left plain on all rows by its cluster gap) a
+    tail power, and the judge passed a coding it had not weighed (held out -18.936 -> -19.039)."""
+    from bdiff import data, trainer
+    rng = np.random.default_rng(4)
+    table = np.column_stack([rng.lognormal(0, 1, 3000), rng.normal(size=3000), rng.standard_t(1.5, 3000)])
+    fits, real_fit = [], data.PowerCoding.fit.__func__
+
+    def spy(cls, values, skip=(), tails=()):
+        coding = real_fit(cls, values, skip, tails)
+        fits.append((set(skip), set(tails), coding))
+        return coding
+
+    monkeypatch.setattr(trainer.PowerCoding, "fit", classmethod(spy))
+    coding = column_coding(table, "auto", seed=0)
+    assert coding is not None and coding.power[0] != 1 and coding.power[1] == 1 and coding.tail[1] == 1
+    assert coding.tail[2] < 1
+    (_, all_tails, _), folds = fits[0], fits[1:]
+    assert all_tails == {2} and len(folds) == trainer.POWER_JUDGE_FOLDS
+    for skip, tails, fold_coding in folds:
+        assert 1 in skip and tails == {2}
+        assert fold_coding.power[1] == 1 and fold_coding.tail[1] == 1
+
+
 def test_resume_refuses_a_run_whose_columns_were_scaled_otherwise(tmp_path):
     """A run from before rows set apart were left out of a column's scale trained on rows in
     other units; resume refuses it rather than training its weights on rows scaled anew."""
