@@ -136,17 +136,18 @@ def flow_base(mixture):
             "covariances": mixture.covariances_.tolist()}
 
 
-def _log_base(x, eps_max, base):
-    """log p_ε_max at standardised points (float64): flow_base's mixture smoothed by N(0, ε_max
-    I), or N(0, (1 + ε_max) I) without one (images, checkpoints from before it)."""
+def _log_base(eps_max, base, device):
+    """log p_ε_max as a function of standardised points (float64): flow_base's mixture smoothed
+    by N(0, ε_max I), or N(0, (1 + ε_max) I) without one (images, checkpoints from before it).
+    Built once per call of flow_log_density, not per batch."""
     if base is None:
-        return _log_gaussian(x, 1 + eps_max)
-    x = x.double()
-    weights, means, covariances = (torch.as_tensor(np.asarray(base[key], np.float64), device=x.device)
+        return lambda x: _log_gaussian(x, 1 + eps_max)
+    weights, means, covariances = (torch.as_tensor(np.asarray(base[key], np.float64), device=device)
                                    for key in ("weights", "means", "covariances"))
-    smoothed = covariances + eps_max * torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+    smoothed = covariances + eps_max * torch.eye(means.shape[1], dtype=torch.float64, device=device)
     components = torch.distributions.MultivariateNormal(means, covariance_matrix=smoothed)
-    return torch.logsumexp(components.log_prob(x.unsqueeze(1)) + weights.log(), dim=1)
+    log_weights = weights.log()
+    return lambda x: torch.logsumexp(components.log_prob(x.double().unsqueeze(1)) + log_weights, dim=1)
 
 
 def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096, base=None):
@@ -159,11 +160,13 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096, 
     construction, with no importance sampling (which fails above a few dimensions). A share
     DEFENSIVE_SHARE of N(0, (1 + ε) I) keeps it finite where the learned score is wild."""
     eps_max = fields_net.levels[1]
+    device = next(fields_net.parameters()).device
+    log_base = _log_base(eps_max, base, device)
     span = math.log(eps_max / eps)
     grid = [math.log(eps) + span * k / steps for k in range(steps + 1)]  # u = log ε
     parts = []
     for x in torch.as_tensor(x_std).split(batch_size):
-        x0 = x = x.float().to(next(fields_net.parameters()).device)
+        x0 = x = x.float().to(device)
         log_volume = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for u, u_next in zip(grid[:-1], grid[1:]):
             h = u_next - u
@@ -173,7 +176,7 @@ def flow_log_density(fields_net, x_std, eps, steps=FLOW_STEPS, batch_size=4096, 
             k4 = _flow_velocity(fields_net, x + h * k3[0], u_next)
             x = x + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
             log_volume += h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-        log_flow = _log_base(x, eps_max, base) + log_volume
+        log_flow = log_base(x) + log_volume
         log_broad = _log_gaussian(x0, 1 + eps)
         parts.append(torch.logaddexp(log_flow + math.log1p(-DEFENSIVE_SHARE),
                                      log_broad + math.log(DEFENSIVE_SHARE)).cpu())

@@ -8,12 +8,9 @@ error (the mixture on Cauchy rows: collapsed components).
 
     python benchmarks/hostile.py [--only typo1d,cauchy1d] [--methods bdiff]
 """
-import argparse
-import os
-
 import numpy as np
 
-from suite import RESULTS, _load_results, _save_results, fit_bdiff, fit_gmm, fit_kde, reference_scores, sample_scores
+from suite import _load_results, _save_results, compare_peers, peer_arguments
 
 
 def _bimodal(n, rng):
@@ -59,51 +56,15 @@ TABLES = {
         [rng.standard_cauchy(n), rng.normal(size=n), rng.lognormal(0, 1, n)]))),
     "far_mode": (5000, _plain(_far_mode)),
 }
-PEERS = {"bdiff": fit_bdiff, "kde_cv": fit_kde, "gmm_bic": fit_gmm}
-
-
-def _finite(scores):
-    """Scores with a non-finite number (a peer's nearest-row ratio beside a 1e6 row) as None: JSON
-    has no infinity."""
-    return {key: (None if isinstance(value, float) and not np.isfinite(value) else value)
-            for key, value in scores.items()}
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(TABLES)}")
-    parser.add_argument("--methods", default=",".join(PEERS), help="comma-separated, of "
-                        f"{', '.join(PEERS)}; the others' stored rows are kept")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "hostile.json"))
-    args = parser.parse_args()
-    methods = args.methods.split(",")
-    if set(methods) - set(PEERS):
-        parser.error(f"unknown methods {', '.join(sorted(set(methods) - set(PEERS)))}")
-    names = args.only.split(",") if args.only else list(TABLES)
-    if set(names) - set(TABLES):
-        parser.error(f"unknown tables {', '.join(sorted(set(names) - set(TABLES)))}")
-    results = _load_results(args.out)
+    names, methods, out = peer_arguments(__doc__, TABLES, "tables", "hostile.json")
+    results = _load_results(out)
     for name in names:
         rows, tables = TABLES[name]
         train, clean = tables(rows, np.random.default_rng(11))
         test = tables(rows, np.random.default_rng(12))[1]
-        entry = results.setdefault(name, {})
-        entry["ref"] = _finite(reference_scores(clean, test, None))
-        for method in methods:
-            try:
-                out = PEERS[method](train, test, 10_000, 0)
-            except ValueError as err:
-                entry[method] = {"error": str(err)[:200]}
-                continue
-            out.pop("model", None)
-            scores = sample_scores(out.pop("samples"), test, clean, None)
-            entry[method] = {"loglik": out["loglik"], "fit_s": out["fit_s"], **_finite(scores),
-                             **({"steps": out["steps"], "powers": out["powers"]} if method == "bdiff" else {})}
-        print(name, " | ".join(f"{m}: failed ({entry[m]['error'][:60]})" if "error" in entry[m] else
-                               f"{m}: log-lik {entry[m]['loglik']:.3f}, C2ST {entry[m]['c2st']:.3f}, far "
-                               f"{100 * entry[m]['far_share']:.2f} %" for m in methods),
-              f"| ref: C2ST {entry['ref']['c2st']:.3f}, far {100 * entry['ref']['far_share']:.2f} %", flush=True)
-        _save_results(args.out, results)
+        compare_peers(name, results.setdefault(name, {}), methods, train, test, clean, ("steps", "powers"))
+        _save_results(out, results)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,9 @@ perfect sampler scores. A peer that fails on a shape is recorded with its error.
 
     python benchmarks/shapes.py [--only cube4d,t3_2d] [--methods bdiff]
 """
-import argparse
-import os
-
 import numpy as np
 
-from suite import RESULTS, _load_results, _save_results, fit_bdiff, fit_gmm, fit_kde, reference_scores, sample_scores
+from suite import _load_results, _save_results, compare_peers, peer_arguments
 
 
 def cube4d(n, rng):
@@ -52,45 +49,15 @@ def cauchy2d(n, rng):
 
 SHAPES = {"cube4d": cube4d, "duplicates": duplicates, "mixed": mixed, "scales": scales, "t3_2d": t3_2d,
           "cauchy2d": cauchy2d}
-PEERS = {"bdiff": fit_bdiff, "kde_cv": fit_kde, "gmm_bic": fit_gmm}
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--methods", default=",".join(PEERS), help="comma-separated, of "
-                        f"{', '.join(PEERS)}; the others' stored rows are kept")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "shapes.json"))
-    args = parser.parse_args()
-    methods = args.methods.split(",")
-    if set(methods) - set(PEERS):
-        parser.error(f"unknown methods {', '.join(sorted(set(methods) - set(PEERS)))}")
-    names = args.only.split(",") if args.only else list(SHAPES)
-    unknown = set(names) - set(SHAPES)
-    if unknown:
-        parser.error(f"unknown shapes {', '.join(sorted(unknown))}")
-    results = _load_results(args.out)
+    names, methods, out = peer_arguments(__doc__, SHAPES, "shapes", "shapes.json")
+    results = _load_results(out)
     for name in names:
         data = SHAPES[name](10_000, np.random.default_rng(5))
         train, test = data[:5000], data[5000:]
-        entry = results.setdefault(name, {})
-        entry["ref"] = reference_scores(train, test, None)
-        for method in methods:
-            try:
-                out = PEERS[method](train, test, 10_000, 0)
-            except ValueError as err:  # sklearn's mixture on Cauchy rows: collapsed components
-                entry[method] = {"error": str(err)[:200]}
-                continue
-            out.pop("model", None)
-            scores = sample_scores(out.pop("samples"), test, train, None)
-            entry[method] = {"loglik": out["loglik"], "fit_s": out["fit_s"], **scores,
-                             **({"steps": out["steps"], "powers": out["powers"], "end_level": out["end_level"],
-                                 "end_search": out["end_search"]} if method == "bdiff" else {})}
-        print(name, " | ".join(f"{m}: failed ({entry[m]['error'][:60]})" if "error" in entry[m] else
-                               f"{m}: log-lik {entry[m]['loglik']:.3f}, C2ST {entry[m]['c2st']:.3f}, far "
-                               f"{100 * entry[m]['far_share']:.2f} %" for m in methods),
-              f"| ref: C2ST {entry['ref']['c2st']:.3f}, far {100 * entry['ref']['far_share']:.2f} %", flush=True)
-        _save_results(args.out, results)
+        compare_peers(name, results.setdefault(name, {}), methods, train, test, train,
+                      ("steps", "powers", "end_level", "end_search"))
+        _save_results(out, results)
 
 
 if __name__ == "__main__":

@@ -304,6 +304,55 @@ def _save_results(path, results):
         json.dump(results, handle, indent=1, allow_nan=False, default=float)  # NumPy scalars too
 
 
+PEERS = {name: METHODS[name] for name in ("bdiff", "kde_cv", "gmm_bic")}  # shapes.py, hostile.py: no flow
+
+
+def peer_arguments(doc, cases, kind, out_name):
+    """Command line of the benchmarks beside the suite (shapes.py, hostile.py): (case names,
+    methods, results path)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(cases)}")
+    parser.add_argument("--methods", default=",".join(PEERS), help="comma-separated, of "
+                        f"{', '.join(PEERS)}; the others' stored rows are kept")
+    parser.add_argument("--out", default=os.path.join(RESULTS, out_name))
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if set(methods) - set(PEERS):
+        parser.error(f"unknown methods {', '.join(sorted(set(methods) - set(PEERS)))}")
+    names = args.only.split(",") if args.only else list(cases)
+    if set(names) - set(cases):
+        parser.error(f"unknown {kind} {', '.join(sorted(set(names) - set(cases)))}")
+    return names, methods, args.out
+
+
+def _finite(scores):
+    """Scores with a non-finite number (a peer's nearest-row ratio beside a 1e6 row) as None: JSON
+    has no infinity."""
+    return {key: (None if isinstance(value, float) and not np.isfinite(value) else value)
+            for key, value in scores.items()}
+
+
+def compare_peers(name, entry, methods, train, test, clean, bdiff_keys):
+    """One case of shapes.py / hostile.py into `entry`: "ref" (the clean training rows against
+    the held-out rows) and each method's held-out log-likelihood and sample scores (a method
+    that fails, as the mixture on Cauchy rows does with collapsed components, with its error);
+    then one line printed."""
+    entry["ref"] = _finite(reference_scores(clean, test, None))
+    for method in methods:
+        try:
+            out = PEERS[method](train, test, 10_000, 0)
+        except ValueError as err:
+            entry[method] = {"error": str(err)[:200]}
+            continue
+        scores = sample_scores(out["samples"], test, clean, None)
+        entry[method] = {"loglik": out["loglik"], "fit_s": out["fit_s"], **_finite(scores),
+                         **({key: out[key] for key in bdiff_keys} if method == "bdiff" else {})}
+    print(name, " | ".join(f"{m}: failed ({entry[m]['error'][:60]})" if "error" in entry[m] else
+                           f"{m}: log-lik {entry[m]['loglik']:.3f}, C2ST {entry[m]['c2st']:.3f}, far "
+                           f"{100 * entry[m]['far_share']:.2f} %" for m in methods),
+          f"| ref: C2ST {entry['ref']['c2st']:.3f}, far {100 * entry['ref']['far_share']:.2f} %", flush=True)
+
+
 def ablation_family(seed, out, names):
     """Fit bdiff with its defaults on 10 000 rows of each UNBALANCED_FAMILY law and run the
     ablation on it; results to `out` (the main table has no row for these)."""
