@@ -70,8 +70,8 @@ def noise_levels(refs, eps, param, eps_max=None, eps_floor=None):
     """(ε_min, ε_max) of level-conditioned fields, or None for fields at ε alone.
 
     eps_max None: automatic, levels for log fields only, up to twice the data's total
-    variance (the mean squared distance between two rows), where p_ε's bumps overlap into
-    one broad Gaussian the sampler can start from, and at least 4ε (a table of a few rows has
+    variance (the mean squared distance between two rows), where p_ε's bumps overlap (the
+    annealing samplers start there, from density.TopLevel), and at least 4ε (a table of a few rows has
     a density ε as broad as the data). 0: no levels.
     eps_floor: ε_min, where the annealed sampler ends, below the density's ε so that samples
     follow the data rather than p_ε's N(0, εI) blur; None: EPS_FLOOR (or ε if smaller)."""

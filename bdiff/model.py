@@ -76,6 +76,13 @@ class TrainedModel:
         return self.meta.get("support_log_s")
 
     @property
+    def base_mixture(self):
+        """The rows' Gaussian mixture (standardised units) that smoothed by ε_max is p_ε_max, where
+        the flow density ends and the annealing samplers start; None for images and checkpoints
+        from before it was stored (then N(0, (1 + ε_max) I))."""
+        return self.meta.get("flow_base")
+
+    @property
     def end_level(self):
         """The level the annealing samplers end at, chosen by fit (sampler.choose_end_level);
         None for checkpoints from before it was stored (then ε_min)."""
@@ -138,7 +145,7 @@ class TrainedModel:
         """Log of the probability-flow density from flow_eps (density.flow_log_density) at points
         in data units (numpy)."""
         return self._in_data_units(lambda x: flow_log_density(self.fields_net, x, self.flow_eps,
-                                                              base=self.meta.get("flow_base")), values)
+                                                              base=self.base_mixture), values)
 
     def fields_in_data_units(self, values):
         """Density and its gradient in data units (for plots and field errors)."""

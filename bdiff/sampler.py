@@ -5,14 +5,16 @@ its log fields are its own outputs, not logs of possibly negative linear fields)
 `fields(x)` → (s, g), `log_fields(x, eps=None)` → (log s, ∇log s) at ε or at any level and
 `score(x, eps=None)` → ∇log s alone;
 optionally `fused_step(x, s_floor, h, seed, step, offset, delta)`, one launch that evaluates
-the fields and steps (the oracle), and `support_log_s`, the log s of the data's lowest
-SUPPORT_QUANTILE (fit stores it): particles that end below it are trimmed and drawn again. A
+the fields and steps (the oracle), `support_log_s`, the log s of the data's lowest
+SUPPORT_QUANTILE (fit stores it): particles that end below it are trimmed and drawn again, and
+`base_mixture`, a Gaussian mixture of the data (fit's flow_base) that smoothed by ε_max is
+p_ε_max, where the annealing samplers start (else N(0, (1 + ε_max) I)). A
 sampler is one function `run(fields, x, cfg, plan)` → (x, report) plus its entry in SAMPLERS.
 
 - bellman / precond: Euler–Maruyama steps of the paper's SDE dx = ∇p dt + sqrt(p) dW or its
   preconditioned variant, from importance resampling of a broad proposal with weights s/q
   (possible because s is a density) or a Gaussian start.
-- anneal: down a ladder of noise levels from the broad p_εmax to ε_min, below the density's ε,
+- anneal: down a ladder of noise levels from the broad p_εmax (top_level) to ε_min, below the density's ε,
   then one denoising step: samples of the data, not of p_ε's blur.
 - smc (the default for tables): the same ladder and noise, its paths importance-weighted with
   the learned log s at 4ε, resampled once there where the weights can be trusted, then
@@ -27,6 +29,7 @@ import torch
 
 from bdiff.backend import (check_memory, check_seed, draw, field_matching, oracle_sde_step, sde_step,
                            stream_seed)
+from bdiff.density import TopLevel, systematic_picks
 from bdiff.errors import BdiffError
 from bdiff.losses import fitted_from
 from bdiff.metrics import nearest_ratio, nearest_scale
@@ -69,7 +72,7 @@ class SampleConfig:
             raise BdiffError(f"the {self.sampler} sampler walks down its noise levels: --steps must be "
                              f"at least one level, got {self.steps}")
         if SAMPLERS[self.sampler].needs_levels and self.init != "gaussian":
-            raise BdiffError(f"the {self.sampler} sampler starts from its broadest level's Gaussian; "
+            raise BdiffError(f"the {self.sampler} sampler starts from its broadest noise level; "
                              "--init importance does not apply to it")
 
 
@@ -125,8 +128,9 @@ class OracleFields:
     exact_log = True
     support_log_s = None
 
-    def __init__(self, refs, eps, log_c=0.0, backend=None, levels=None):
+    def __init__(self, refs, eps, log_c=0.0, backend=None, levels=None, base_mixture=None):
         self.refs, self.eps, self.log_c, self.backend, self.levels = refs, eps, log_c, backend, levels
+        self.base_mixture = base_mixture
         self.dim = refs.shape[1]
 
     def fields(self, x):
@@ -170,10 +174,16 @@ def field_scale(fields, cfg, device):
     return log_s_max, max(g_scale, 1e-12)
 
 
+def top_level(fields, cfg, device):
+    """p_ε_max, where the annealing samplers start: the fields' base_mixture smoothed by ε_max,
+    or N(0, (proposal_std² + ε_max) I) without one (density.TopLevel)."""
+    return TopLevel(getattr(fields, "base_mixture", None), fields.levels[1], fields.dim, device,
+                    spread=cfg.proposal_std)
+
+
 def _start(fields, n, cfg, plan, generator, device):
-    if SAMPLERS[cfg.sampler].needs_levels:  # p_εmax ≈ the data's Gaussian widened by ε_max
-        std = math.sqrt(cfg.proposal_std ** 2 + fields.levels[1])
-        return draw(torch.randn, n, fields.dim, generator=generator, device=device) * std
+    if SAMPLERS[cfg.sampler].needs_levels:
+        return top_level(fields, cfg, device).sample(n, generator, device)
     if cfg.init == "gaussian":
         return draw(torch.randn, n, fields.dim, generator=generator, device=device) * cfg.proposal_std
     candidates = draw(torch.randn, n * cfg.oversample, fields.dim, generator=generator,
@@ -269,11 +279,7 @@ def _ancestral_step(x, score, hi, lo, cfg, plan, step):
 
 def _resample(log_w, generator):
     """Systematic resampling: indices drawn in proportion to exp(log_w)."""
-    weights = torch.softmax(log_w.double(), 0)
-    n = len(weights)
-    offset = draw(torch.rand, 1, generator=generator, device=weights.device, dtype=torch.float64)
-    positions = (offset + torch.arange(n, device=weights.device)) / n
-    return torch.searchsorted(weights.cumsum(0), positions).clamp_max(n - 1)
+    return systematic_picks(torch.softmax(log_w.double(), 0), len(log_w), generator)
 
 
 def _ess(log_w):
@@ -350,8 +356,7 @@ def run_smc(fields, x, cfg, plan, generator):
     dimensions) is not resampled: it keeps annealing's particles."""
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
     weighted = max(1, sum(level >= fitted_from(SMC_WEIGHT_LEVEL * fields.eps) for level in ladder))
-    start_var = cfg.proposal_std ** 2 + fields.levels[1]
-    log_w = (0.5 * x.pow(2).sum(1) / start_var).double()  # over the start's N(0, start_var)
+    log_w = -top_level(fields, cfg, x.device).log_prob(x)  # over the start's density
     for step in range(weighted - 1):
         hi, lo = ladder[step], ladder[step + 1]
         delta, score = hi - lo, fields.score(x, hi)

@@ -524,7 +524,7 @@ class Trainer:
         if self.levels is None or is_image(self.item_shape):
             return
         fields = TrainedModel(self.ema, self.eps, self.log_c, self.standardizer,
-                              {"support_log_s": self.support_log_s})
+                              {"support_log_s": self.support_log_s, "flow_base": self.flow_base})
         decode = lambda x: self.standardizer.forward(self.standardizer.inverse(x.cpu().numpy()))
         level, ratios = choose_end_level(fields, self.refs.cpu(), fields.sample_config(seed=self.cfg.seed), decode)
         self.end_level, self.end_search = level, sorted(ratios.items())

@@ -7,7 +7,8 @@
     python benchmarks/suite.py --draws 11,12,13     # anneal vs SMC on fresh training draws of eight
                                                     # laws (results/draws.json)
     python benchmarks/suite.py --random-laws 0,1,2,3,4   # fresh random 2-D mixtures of four
-                                                    # unequal Gaussians (results/random_laws.json)
+                                                    # unequal Gaussians (results/random_laws.json;
+                                                    # --methods bdiff keeps the peers' stored rows)
     python benchmarks/suite.py --random-laws 6,7 --rows 50000   # the same at 50 000 training rows
     python benchmarks/suite.py --methods bdiff --ablation --query-balance 1 \
         --out benchmarks/results/suite_query_balance.json   # bdiff fitted with --query-balance 1
@@ -422,23 +423,27 @@ def random_mixture_2d(seed, k=4):
 KDE_CV_MAX_ROWS = 20_000
 
 
-def random_laws(seeds, out, sampler_seeds=(0, 1), n=10_000, rows=10_000):
+def random_laws(seeds, out, sampler_seeds=(0, 1), n=10_000, rows=10_000, methods=("bdiff", "kde_cv", "gmm_bic")):
     """bdiff with its defaults on `rows` training rows of each random_mixture_2d law, both
     samplers, beside KDE-CV, the BIC GMM and the data's own fresh rows, n samples each scored
     against n held-out rows (C2ST, far share, mode-weight error against the law; bdiff's the mean
-    over its sampler seeds)."""
+    over its sampler seeds). Only `methods` are run; the others keep their stored rows."""
     results = _load_results(out)
     for seed in seeds:
         law = random_mixture_2d(seed)
         train, test = law.sample(rows, np.random.default_rng(1)), law.sample(n, np.random.default_rng(2))
-        model, fit_s, trainer = train_bdiff(train, 0)
-        entry = {"weights": law.weights.round(3).tolist(), "fit_s": fit_s, "steps": trainer.step,
-                 "rows_vs_law": float(np.abs(mode_weights(law, train) - law.weights).max()),
-                 "data": reference_scores(train, test, law)}
-        for sampler in ("anneal", "smc"):
-            scores = [sample_scores(_samples(model, sampler, s, n)[0], test, train, law, s) for s in sampler_seeds]
-            entry[sampler] = {key: float(np.mean([score[key] for score in scores])) for key in scores[0]}
-        for method in ("kde_cv", "gmm_bic") if rows <= KDE_CV_MAX_ROWS else ("gmm_bic",):
+        entry = results.get(str(seed), {})
+        entry.update({"weights": law.weights.round(3).tolist(),
+                      "rows_vs_law": float(np.abs(mode_weights(law, train) - law.weights).max()),
+                      "data": reference_scores(train, test, law)})
+        if "bdiff" in methods:
+            model, entry["fit_s"], trainer = train_bdiff(train, 0)
+            entry["steps"] = trainer.step
+            for sampler in ("anneal", "smc"):
+                scores = [sample_scores(_samples(model, sampler, s, n)[0], test, train, law, s) for s in sampler_seeds]
+                entry[sampler] = {key: float(np.mean([score[key] for score in scores])) for key in scores[0]}
+        peers = ("kde_cv", "gmm_bic") if rows <= KDE_CV_MAX_ROWS else ("gmm_bic",)
+        for method in (method for method in peers if method in methods):
             entry[method] = sample_scores(METHODS[method](train, test, n, 0)["samples"], test, train, law)
         results[str(seed)] = entry
         print(seed, json.dumps(entry), flush=True)
@@ -498,7 +503,7 @@ def main():
         suffix = "" if args.rows == 10_000 else f"_{args.rows}"
         out = args.out or os.path.join(RESULTS, f"random_laws{suffix}.json")
         print(random_laws_table(random_laws([int(seed) for seed in args.random_laws.split(",")], out,
-                                            rows=args.rows)))
+                                            rows=args.rows, methods=args.methods.split(","))))
         return
     if args.draws:
         if set(only or ()) - set(DRAW_LAWS):

@@ -48,6 +48,60 @@ def test_annealing_with_exact_fields_recovers_unbalanced_weights():
     assert (x[:, 0] > 0).float().mean().item() < 0.18
 
 
+def _skewed_clusters(n=3000, seed=0):
+    """A 2-D table most of whose mass sits in one cluster, with two 5 % clusters far out
+    (sd 0.25, standardised as the trainer would), and each row's cluster."""
+    rng = np.random.default_rng(seed)
+    counts = [int(n * 0.9), int(n * 0.05), n - int(n * 0.9) - int(n * 0.05)]
+    centres = [(-2.4, 1.0), (1.2, 3.2), (3.8, -2.8)]
+    rows = np.concatenate([rng.normal(c, 0.25, (k, 2)) for c, k in zip(centres, counts)])
+    rows = (rows - rows.mean(0)) / rows.std(0)
+    return torch.from_numpy(rows).float(), np.repeat(np.arange(3), counts)
+
+
+def test_annealing_starts_from_the_rows_mixture_at_the_broadest_level():
+    """Twice the data's variance does not blur a skewed table into one Gaussian: from
+    N(0, (1 + ε_max) I) the exact fields' anneal gave the farthest 5 % cluster 3.7-4.1 % of the
+    particles (seeds 0-2, 4000 each). From the rows' BIC mixture smoothed by ε_max (fit stores
+    it as flow_base) the start is p_ε_max's own, and each cluster keeps its share."""
+    from bdiff.density import flow_base
+    from bdiff.losses import data_clusters
+    refs, labels = _skewed_clusters()
+    eps = 0.005
+    oracle = OracleFields(refs, eps, levels=noise_levels(refs, eps, "log"),
+                          base_mixture=flow_base(data_clusters(refs, 0)))
+    centres = torch.stack([refs[torch.from_numpy(labels == k)].mean(0) for k in range(3)])
+    x, _ = sample(oracle, 8000, default_sample_config("log", True, sampler="anneal"))
+    shares = np.bincount(torch.cdist(x, centres).argmin(1).numpy(), minlength=3) / len(x)
+    assert shares == pytest.approx(np.bincount(labels) / len(labels), abs=0.006)
+
+
+def test_top_level_is_the_smoothed_mixture_with_systematic_shuffled_shares():
+    """TopLevel: log p_ε_max is the mixture with ε_max added to each covariance, each component
+    gets n·w rounded up or down of the start (no multinomial noise), and the components come
+    shuffled: a user who keeps the first rows keeps every mode's share."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+    from sklearn.mixture import GaussianMixture as SkMixture
+
+    from bdiff.density import TopLevel, flow_base
+    refs, _ = _skewed_clusters(n=1000)
+    fitted = SkMixture(3, random_state=0).fit(refs.double().numpy())
+    points = torch.randn(50, 2, generator=torch.Generator().manual_seed(1)) * 2
+    expected = logsumexp([np.log(w) + multivariate_normal(m, c + 0.5 * np.eye(2)).logpdf(points.numpy())
+                          for w, m, c in zip(fitted.weights_, fitted.means_, fitted.covariances_)], axis=0)
+    assert np.allclose(TopLevel(flow_base(fitted), 0.5, 2, "cpu").log_prob(points).numpy(), expected, atol=1e-9)
+    # at a level far below the clusters' gaps each point's nearest centre is its component
+    x = TopLevel(flow_base(fitted), 1e-6, 2, "cpu").sample(5000, torch.Generator().manual_seed(0), "cpu")
+    labels = torch.cdist(x.double(), torch.from_numpy(fitted.means_)).argmin(1).numpy()
+    assert np.abs(np.bincount(labels, minlength=3) - 5000 * fitted.weights_).max() <= 1
+    assert np.bincount(labels[:500], minlength=3) / 500 == pytest.approx(fitted.weights_, abs=0.04)
+    assert x.dtype == torch.float32
+    gaussian = TopLevel(None, 0.5, 2, "cpu")
+    assert np.allclose(gaussian.log_prob(points).numpy(),
+                       multivariate_normal(np.zeros(2), 1.5 * np.eye(2)).logpdf(points.numpy()), atol=1e-9)
+
+
 def test_ladder_spends_its_levels_where_coarse_annealing_loses_mass_and_spread():
     """With exact fields and only 20 levels in 8-D, the ladder even in σ^(1/3) keeps the small
     cluster's weight (0.2) and the clusters' spread (1.0): measured 0.186 and 0.858, where the
