@@ -14,8 +14,8 @@ sampler is one function `run(fields, x, cfg, plan)` → (x, report) plus its ent
 - bellman / precond: Euler–Maruyama steps of the paper's SDE dx = ∇p dt + sqrt(p) dW or its
   preconditioned variant, from importance resampling of a broad proposal with weights s/q
   (possible because s is a density) or a Gaussian start.
-- anneal: down a ladder of noise levels from the broad p_εmax (top_level) to ε_min, below the density's ε,
-  then one denoising step: samples of the data, not of p_ε's blur.
+- anneal: down a ladder of noise levels from the broad p_εmax (top_level) to ε_min, below the
+  density's ε, then one denoising step: samples of the data, not of p_ε's blur.
 - smc (the default for tables): the same ladder and noise, its paths importance-weighted with
   the learned log s at 4ε, resampled once there where the weights can be trusted, then
   annealed on to ε_min like anneal.
