@@ -152,9 +152,10 @@ class OracleFields:
 
 @dataclass
 class Plan:
-    """What every batch of one sampling run shares: the field scale, floor and step size."""
+    """What every batch of one sampling run shares: the field scale, floor, step size and start."""
     log_floor: float          # log s at or below this counts as zero (-inf: no floor)
     end_eps: float            # the level the particles end at (and the Tweedie step's)
+    top: TopLevel = None      # annealing samplers: p_ε_max, where they start (top_level)
     h: float = None           # SDE step
     log_delta: float = None   # precond: log δ (-inf: the Langevin limit)
     offset: int = 0           # index of the batch's first particle (noise streams)
@@ -183,7 +184,7 @@ def top_level(fields, cfg, device):
 
 def _start(fields, n, cfg, plan, generator, device):
     if SAMPLERS[cfg.sampler].needs_levels:
-        return top_level(fields, cfg, device).sample(n, generator, device)
+        return plan.top.sample(n, generator, device)
     if cfg.init == "gaussian":
         return draw(torch.randn, n, fields.dim, generator=generator, device=device) * cfg.proposal_std
     candidates = draw(torch.randn, n * cfg.oversample, fields.dim, generator=generator,
@@ -356,7 +357,7 @@ def run_smc(fields, x, cfg, plan, generator):
     dimensions) is not resampled: it keeps annealing's particles."""
     ladder = level_ladder(fields.levels, cfg.steps, plan.end_eps)
     weighted = max(1, sum(level >= fitted_from(SMC_WEIGHT_LEVEL * fields.eps) for level in ladder))
-    log_w = -top_level(fields, cfg, x.device).log_prob(x)  # over the start's density
+    log_w = -plan.top.log_prob(x)  # over the start's density
     for step in range(weighted - 1):
         hi, lo = ladder[step], ladder[step + 1]
         delta, score = hi - lo, fields.score(x, hi)
@@ -394,7 +395,7 @@ def _plan(fields, cfg, device):
     log_s_max, g_scale = field_scale(fields, cfg, device)
     log_floor = math.log(cfg.floor_rel) + log_s_max if cfg.floor_rel > 0 else -math.inf
     if SAMPLERS[cfg.sampler].needs_levels:
-        return Plan(log_floor, end_level(fields, cfg)), log_s_max
+        return Plan(log_floor, end_level(fields, cfg), top=top_level(fields, cfg, device)), log_s_max
     end_eps = fields.eps
     if cfg.sampler == "bellman":
         return Plan(log_floor, end_eps, h=cfg.step_frac * math.sqrt(fields.eps) / g_scale), log_s_max
